@@ -1,0 +1,3 @@
+from billing_service.cli import app
+
+app(prog_name="billing")

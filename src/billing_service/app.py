@@ -1,0 +1,82 @@
+"""The ASGI application: middleware, routes, error handlers, and the pool's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from billing_service import db
+from billing_service.auth import AuthenticationMiddleware
+from billing_service.errors import PayloadTooLarge, error_response, install_error_handlers
+from billing_service.routes import health, router
+from billing_service.settings import Settings, get_settings
+
+
+class RequestGuardMiddleware:
+    """Refuses what no route should parse: bodies over the limit (413, at once from Content-Length, or as
+    soon as a chunked body passes it) and writes whose declared Content-Type is not JSON (415)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                too_large = PayloadTooLarge(f"Bodies are limited to {self.max_bytes} bytes.")
+                await error_response(413, too_large.detail, too_large.code)(scope, receive, send)
+                return
+            if name == b"content-type" and scope["method"] in ("POST", "PUT", "PATCH"):
+                media_type = value.split(b";")[0].strip().lower()
+                if media_type != b"application/json" and not media_type.endswith(b"+json"):
+                    detail = "Send the body as JSON (Content-Type: application/json)."
+                    await error_response(415, detail, "unsupported_media_type")(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(f"Bodies are limited to {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = db.resolve_database_url(settings)
+        pool = db.create_pool(url, settings)
+        # wait=False: a worker that (re)starts while the database is down still serves fast 503s.
+        await pool.open(wait=False)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="billing_service",
+        summary="The token ledger of the agent platform.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.include_router(health)
+    install_error_handlers(app)
+    # add_middleware wraps: the last added runs first. Authenticate first (fail closed), then guard the body.
+    app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthenticationMiddleware, settings=settings)
+    return app

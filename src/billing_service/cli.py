@@ -1,0 +1,241 @@
+"""`billing`: serve the API, migrate, and the operator's commands (which go through the same ledger code)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+import typer
+
+from billing_service import db, ledger
+from billing_service.errors import BillingError
+from billing_service.settings import Settings, get_settings
+
+app = typer.Typer(help="The token ledger of the agent platform.", no_args_is_help=True, add_completion=False)
+T = TypeVar("T")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _database_url(settings: Settings) -> str:
+    try:
+        return db.resolve_database_url(settings)
+    except Exception as exc:  # noqa: BLE001 - any failure to start embedded PostgreSQL is fatal here
+        raise _fail(f"could not start the embedded PostgreSQL in {settings.data_dir}: {exc}") from exc
+
+
+def _ready_database_url(settings: Settings) -> str:
+    """The URL of a reachable database whose schema is current, or a clear error."""
+    url = _database_url(settings)
+    try:
+        pending = db.pending_migrations(url)
+    except db.DatabaseNotReady as exc:
+        raise _fail(str(exc)) from exc
+    if pending:
+        raise _fail(f"the database lacks migrations {', '.join(pending)}; run `billing migrate` first")
+    return url
+
+
+def _secret_in_data_dir(data_dir: Path, name: str) -> str:
+    """A generated secret, created once and kept (mode 0600) so restarts keep the same credentials."""
+    path = data_dir / name
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _run(settings: Settings, url: str, action: Callable[[Any], Awaitable[T]]) -> T:
+    async def main() -> T:
+        pool = db.create_pool(url, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+        await pool.open(wait=True, timeout=10)
+        try:
+            return await action(pool)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(main())
+    except BillingError as exc:
+        raise _fail(f"{exc.detail} ({exc.code})") from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Apply migrations (under an advisory lock), then serve the API."""
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.embedded and not settings.service_tokens:
+        raise _fail(
+            "DATABASE_URL points at an external database but BILLING_SERVICE_TOKENS is empty; "
+            "refusing to start an API nobody could call safely. Set BILLING_SERVICE_TOKENS=<token>[,<token>...]."
+        )
+    url = _database_url(settings)
+    try:
+        db.migrate(url)
+    except db.DatabaseNotReady as exc:
+        raise _fail(str(exc)) from exc
+
+    tokens = [token.get_secret_value() for token in settings.service_tokens]
+    jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if settings.embedded:
+        tokens = tokens or [_secret_in_data_dir(settings.data_dir, "service_token")]
+        jwt_secret = jwt_secret or _secret_in_data_dir(settings.data_dir, "jwt_secret")
+
+    # Workers are fresh processes: hand them the resolved database and credentials through the environment.
+    os.environ["DATABASE_URL"] = url
+    os.environ["BILLING_SERVICE_TOKENS"] = ",".join(tokens)
+    if jwt_secret:
+        os.environ["BILLING_JWT_SECRET"] = jwt_secret
+    os.environ.setdefault("BILLING_LOG_FORMAT", "console" if settings.embedded else "json")
+    get_settings.cache_clear()
+
+    base = f"http://{host}:{port}"
+    typer.echo(f"billing_service on {base}  (docs: {base}/docs, {workers} worker(s))")
+    if settings.embedded:
+        typer.echo(f"embedded PostgreSQL, data in {settings.data_dir.resolve()}")
+        typer.echo(f"service token: {tokens[0]}")
+        typer.echo(
+            f"try:  curl -s -X POST {base}/billing/credit-tokens -H 'Authorization: Bearer {tokens[0]}' "
+            "-H 'Content-Type: application/json' "
+            '-d \'{"user_id": "6f1c1f0e-2b7a-4a53-9d2e-2b8f7f0c9a01", "amount": 100, "description": "welcome"}\''
+        )
+    sys.stdout.flush()
+    uvicorn.run(
+        "billing_service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        timeout_keep_alive=5,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision."""
+    settings = get_settings()
+    url = _database_url(settings)
+    try:
+        pending = db.pending_migrations(url)
+        db.migrate(url)
+    except db.DatabaseNotReady as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"applied {', '.join(pending)}" if pending else "schema is current")
+
+
+def _posted_line(posted: ledger.Posted) -> str:
+    replay = " (replayed)" if posted.replayed else ""
+    return f"transaction {posted.transaction_id}: balance {posted.balance}{replay}"
+
+
+@app.command()
+def credit(
+    user_id: UUID,
+    amount: int,
+    description: Annotated[str, typer.Option("--description", "-d")] = "operator credit",
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+) -> None:
+    """Credit tokens to a user (opens the account if needed)."""
+    settings = get_settings()
+    posted = _run(
+        settings,
+        _ready_database_url(settings),
+        lambda pool: ledger.credit(
+            pool, user_id=user_id, amount=amount, description=description, idempotency_key=idempotency_key
+        ),
+    )
+    typer.echo(_posted_line(posted))
+
+
+@app.command()
+def charge(
+    user_id: UUID,
+    amount: int,
+    description: Annotated[str, typer.Option("--description", "-d")] = "operator charge",
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+) -> None:
+    """Debit tokens from a user; refused if the balance does not cover it."""
+    settings = get_settings()
+    posted = _run(
+        settings,
+        _ready_database_url(settings),
+        lambda pool: ledger.charge(
+            pool, user_id=user_id, amount=amount, description=description, idempotency_key=idempotency_key
+        ),
+    )
+    typer.echo(_posted_line(posted))
+
+
+@app.command()
+def balance(user_id: UUID) -> None:
+    """Print a user's balance."""
+    settings = get_settings()
+    account = _run(settings, _ready_database_url(settings), lambda pool: ledger.balance(pool, user_id=user_id))
+    typer.echo(f"{account.user_id}: {account.balance}")
+
+
+@app.command()
+def history(user_id: UUID, limit: Annotated[int, typer.Option(min=1, max=1000)] = 20) -> None:
+    """Print a user's newest transactions, one JSON object per line."""
+    settings = get_settings()
+    rows, _ = _run(
+        settings, _ready_database_url(settings), lambda pool: ledger.history_page(pool, user_id=user_id, limit=limit)
+    )
+    for row in rows:
+        typer.echo(json.dumps(json.loads(row)))
+
+
+@app.command()
+def audit() -> None:
+    """Check every balance against its ledger and every balance_after chain. Exits 1 on any drift."""
+    settings = get_settings()
+    url = _ready_database_url(settings)
+    try:
+        with db.connect(url) as conn:
+            accounts, findings = ledger.audit(conn)
+    except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
+        raise _fail(f"audit could not run: {exc}") from exc
+    for finding in findings:
+        typer.echo(
+            f"DRIFT {finding.user_id}: balance {finding.balance}, ledger sum {finding.ledger_sum}, "
+            f"broken balance_after links {finding.broken_links}, seq gaps {finding.seq_gaps}"
+        )
+    if findings:
+        typer.echo(f"audit: {len(findings)} of {accounts} accounts drift")
+        raise typer.Exit(code=1)
+    typer.echo(f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent")
+
+
+@app.command("user-token")
+def user_token(user_id: UUID, ttl_seconds: Annotated[int, typer.Option(min=1)] = 3600) -> None:
+    """Mint a user JWT (HS256, BILLING_JWT_SECRET or the embedded one) for reading that user's account."""
+    import time
+
+    import jwt
+
+    settings = get_settings()
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    if secret is None and settings.embedded:
+        secret = _secret_in_data_dir(settings.data_dir, "jwt_secret")
+    if secret is None:
+        raise _fail("BILLING_JWT_SECRET is not set")
+    now = int(time.time())
+    typer.echo(jwt.encode({"sub": str(user_id), "iat": now, "exp": now + ttl_seconds}, secret, algorithm="HS256"))

@@ -1,0 +1,177 @@
+"""The one error tree. Every failure a client can see is a `BillingError` with a status and a machine code.
+
+BillingError
+├── Unauthorized            401 unauthorized / invalid_token
+├── Forbidden               403 forbidden
+├── AccountNotFound         404 account_not_found (402 on a charge, as the seed says)
+├── NotFound                404 not_found
+├── InsufficientBalance     402 insufficient_balance
+├── IdempotencyKeyReused    422 idempotency_key_reused
+├── IdempotencyConflict     409 idempotency_conflict
+├── InvalidRequest          422 validation_error / invalid_cursor / invalid_idempotency_key / ...
+├── BalanceLimitExceeded    422 balance_limit_exceeded
+├── PayloadTooLarge         413 payload_too_large
+└── DatabaseUnavailable     503 database_unavailable (with Retry-After)
+
+Domain code raises these; `install_error_handlers` turns them, and FastAPI's own validation and HTTP
+errors, into `{"detail": ..., "code": ...}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class BillingError(Exception):
+    status_code = 400
+    code = "bad_request"
+    detail = "Bad request."
+
+    def __init__(self, detail: str | None = None, *, code: str | None = None, status_code: int | None = None) -> None:
+        self.detail = detail or self.detail
+        self.code = code or self.code
+        self.status_code = status_code or self.status_code
+        super().__init__(self.detail)
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class Unauthorized(BillingError):
+    status_code = 401
+    code = "unauthorized"
+    detail = "Missing bearer token."
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(BillingError):
+    status_code = 403
+    code = "forbidden"
+    detail = "This token may not do that."
+
+
+class NotFound(BillingError):
+    status_code = 404
+    code = "not_found"
+    detail = "Not found."
+
+
+class AccountNotFound(BillingError):
+    status_code = 404
+    code = "account_not_found"
+    detail = "No account for this user."
+
+
+class InsufficientBalance(BillingError):
+    status_code = 402
+    code = "insufficient_balance"
+    detail = "The available balance is too low for this amount."
+
+
+class IdempotencyKeyReused(BillingError):
+    status_code = 422
+    code = "idempotency_key_reused"
+    detail = "This Idempotency-Key was already used with a different request."
+
+
+class IdempotencyConflict(BillingError):
+    status_code = 409
+    code = "idempotency_conflict"
+    detail = "A request with this Idempotency-Key is in flight; retry shortly."
+
+
+class InvalidRequest(BillingError):
+    status_code = 422
+    code = "validation_error"
+    detail = "The request is not valid."
+
+
+class BalanceLimitExceeded(BillingError):
+    status_code = 422
+    code = "balance_limit_exceeded"
+    detail = "This credit would take the balance past the largest amount the ledger holds."
+
+
+class PayloadTooLarge(BillingError):
+    status_code = 413
+    code = "payload_too_large"
+    detail = "The request body is too large."
+
+
+class DatabaseUnavailable(BillingError):
+    status_code = 503
+    code = "database_unavailable"
+    detail = "The database is unavailable; retry shortly."
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ErrorBody(BaseModel):
+    """What every error response carries."""
+
+    detail: str
+    code: str
+
+
+def error_response(status_code: int, detail: str, code: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+}
+
+
+def _describe_validation(errors: list[Any]) -> str:
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "The request is not valid."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BillingError)
+    async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
+        return error_response(exc.status_code, exc.detail, exc.code, exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        # Garbage JSON is a syntax problem, not a schema problem: say so with its own code.
+        if any(error.get("type") == "json_invalid" for error in errors):
+            return error_response(422, "The body is not valid JSON.", "invalid_json")
+        return error_response(422, _describe_validation(errors), "validation_error")
+
+    @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(psycopg.InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        # Connection refused, connection lost, pool exhausted, statement timeout: all retryable.
+        unavailable = DatabaseUnavailable()
+        return error_response(unavailable.status_code, unavailable.detail, unavailable.code, unavailable.headers())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        return error_response(exc.status_code, detail, code, exc.headers)

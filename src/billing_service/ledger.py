@@ -1,0 +1,256 @@
+"""The ledger's rules: charge, credit, open an account, read balance and history, audit.
+
+No HTTP here. Each function runs one statement from `sql` and turns its outcome into a result or a
+`BillingError`. The API and the CLI both call these, so an operator's `billing charge` follows the same
+path as the orchestrator's POST.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, LiteralString
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from billing_service import sql
+from billing_service.errors import (
+    AccountNotFound,
+    BalanceLimitExceeded,
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+    InsufficientBalance,
+    InvalidRequest,
+)
+
+HISTORY_STREAM_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A ledger transaction that now exists (or already did, when `replayed`)."""
+
+    transaction_id: UUID
+    balance: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: UUID
+    balance: int
+
+
+@dataclass(frozen=True)
+class AuditFinding:
+    user_id: UUID
+    balance: int
+    ledger_sum: int
+    broken_links: int
+    seq_gaps: int
+
+
+def request_hash(operation: str, **fields: Any) -> bytes:
+    """What makes two requests 'the same' for an Idempotency-Key: the operation and its whole body."""
+    canonical = json.dumps({"operation": operation, **fields}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+async def _post(
+    pool: AsyncConnectionPool,
+    statement: LiteralString,
+    operation: str,
+    *,
+    user_id: UUID,
+    amount: int,
+    description: str,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+) -> tuple[str, Posted]:
+    digest = request_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+    params = {
+        "user_id": user_id,
+        "amount": amount,
+        "description": description,
+        "metadata": Jsonb(metadata) if metadata is not None else None,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest if idempotency_key is not None else None,
+    }
+    async with pool.connection() as conn:
+        try:
+            cursor = await conn.execute(statement, params)
+            outcome, transaction_id, balance, stored_hash = await cursor.fetchone() or (None, None, None, None)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "transactions_idempotency_key_unique":
+                raise
+            # A concurrent request with the same key won the race and committed; ours rolled back whole.
+            cursor = await conn.execute(sql.IDEMPOTENT_REPLAY, params)
+            row = await cursor.fetchone()
+            if row is None:
+                raise IdempotencyConflict() from exc
+            outcome, (transaction_id, balance, stored_hash) = "replayed", row
+        except psycopg.errors.NumericValueOutOfRange as exc:
+            raise BalanceLimitExceeded() from exc
+    if outcome == "replayed" and bytes(stored_hash) != digest:
+        raise IdempotencyKeyReused()
+    return outcome, Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
+
+
+async def charge(
+    pool: AsyncConnectionPool,
+    *,
+    user_id: UUID,
+    amount: int,
+    description: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Posted:
+    """Debit `amount` if the balance covers it. Refused debits write nothing, not even the key."""
+    outcome, posted = await _post(
+        pool,
+        sql.CHARGE,
+        "charge",
+        user_id=user_id,
+        amount=amount,
+        description=description,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    if outcome == "account_not_found":
+        # The seed answers an unknown user on a charge with 402, like a lack of funds.
+        raise AccountNotFound(status_code=402)
+    if outcome == "insufficient_balance":
+        raise InsufficientBalance(f"The balance is {posted.balance}; this charge needs {amount}.")
+    return posted
+
+
+async def credit(
+    pool: AsyncConnectionPool,
+    *,
+    user_id: UUID,
+    amount: int,
+    description: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Posted:
+    """Credit `amount`, opening the account if this is its first transaction."""
+    _, posted = await _post(
+        pool,
+        sql.CREDIT,
+        "credit",
+        user_id=user_id,
+        amount=amount,
+        description=description,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+    )
+    return posted
+
+
+async def open_account(
+    pool: AsyncConnectionPool, *, user_id: UUID, idempotency_key: str | None = None
+) -> tuple[Account, bool, bool]:
+    """Open an account with balance 0. Returns (account, created, replayed)."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.OPEN_ACCOUNT, {"user_id": user_id, "idempotency_key": idempotency_key})
+        created = await cursor.fetchone()
+        if created is not None:
+            return Account(user_id=user_id, balance=created[0]), True, False
+        # Already open (possibly by a concurrent twin that committed after our snapshot): read it fresh.
+        cursor = await conn.execute(sql.ACCOUNT, {"user_id": user_id})
+        row = await cursor.fetchone()
+    if row is None:  # pragma: no cover - accounts are never deleted
+        raise IdempotencyConflict()
+    balance, opened_with_key = row
+    replayed = idempotency_key is not None and opened_with_key == idempotency_key
+    return Account(user_id=user_id, balance=balance), False, replayed
+
+
+async def balance(pool: AsyncConnectionPool, *, user_id: UUID) -> Account:
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.BALANCE, {"user_id": user_id})
+        row = await cursor.fetchone()
+    if row is None:
+        raise AccountNotFound()
+    return Account(user_id=user_id, balance=row[0])
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        version, seq = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split(":")
+        value = int(seq)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise InvalidRequest("The cursor is not one this service issued.", code="invalid_cursor") from exc
+    if version != "v1" or not 0 < value < 2**63:
+        raise InvalidRequest("The cursor is not one this service issued.", code="invalid_cursor")
+    return value
+
+
+async def history_page(
+    pool: AsyncConnectionPool, *, user_id: UUID, limit: int, cursor: str | None = None
+) -> tuple[list[str], str | None]:
+    """One page of history, newest first, as JSON texts; plus the cursor of the next page, if any."""
+    before_seq = decode_cursor(cursor) if cursor is not None else 2**63 - 1
+    async with pool.connection() as conn:
+        await _require_account(conn, user_id)
+        result = await conn.execute(
+            sql.HISTORY_PAGE, {"user_id": user_id, "before_seq": before_seq, "limit": limit + 1}
+        )
+        rows = await result.fetchall()
+    next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+    return [row[1] for row in rows[:limit]], next_cursor
+
+
+async def history_stream(pool: AsyncConnectionPool, *, user_id: UUID) -> AsyncIterator[bytes]:
+    """The whole history as a JSON array, streamed from a server-side cursor: flat memory at any size.
+
+    Raises AccountNotFound before the first byte, so the caller can still answer 404.
+    """
+    async with pool.connection() as conn:
+        await _require_account(conn, user_id)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(name="history")
+            cursor.itersize = HISTORY_STREAM_BATCH
+            await cursor.execute(sql.HISTORY_ALL, {"user_id": user_id})
+            separator = b"["
+            while rows := await cursor.fetchmany(HISTORY_STREAM_BATCH):
+                yield separator + ",".join(row[1] for row in rows).encode()
+                separator = b","
+            yield b"[]" if separator == b"[" else b"]"
+
+    return chunks()
+
+
+async def _require_account(conn: psycopg.AsyncConnection[Any], user_id: UUID) -> None:
+    cursor = await conn.execute(sql.BALANCE, {"user_id": user_id})
+    if await cursor.fetchone() is None:
+        raise AccountNotFound()
+
+
+def audit(conn: psycopg.Connection[Any]) -> tuple[int, list[AuditFinding]]:
+    """Every account whose balance differs from its ledger, or whose balance_after chain is broken."""
+    accounts = conn.execute(sql.COUNT_ACCOUNTS).fetchone()
+    findings = []
+    with conn.transaction(), conn.cursor(name="audit") as cursor:
+        cursor.execute(sql.AUDIT)
+        for user_id, account_balance, ledger_sum, broken_links, seq_gaps in cursor:
+            findings.append(AuditFinding(user_id, account_balance, int(ledger_sum), broken_links, seq_gaps))
+    return (accounts[0] if accounts else 0), findings
+
+
+async def ping(pool: AsyncConnectionPool) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(sql.PING)

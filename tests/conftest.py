@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -114,14 +114,18 @@ def server_env(database_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-def start_server(database_url: str, *, workers: int = 2, **env_overrides: str) -> LiveServer:
-    """Start `billing serve` as a user would, and wait until /readyz answers."""
+def start_server(
+    database_url: str, *, workers: int = 2, output: IO[bytes] | None = None, **env_overrides: str
+) -> LiveServer:
+    """Start `billing serve` as a user would, and wait until /readyz answers. `output` captures its logs."""
     port = free_port()
     env = server_env(database_url, **env_overrides)
     process = subprocess.Popen(
         [sys.executable, "-m", "billing_service", "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
         start_new_session=True,
+        stdout=output,
+        stderr=output,
     )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -88,7 +88,9 @@ class AuthenticationMiddleware:
 _bearer = HTTPBearer(auto_error=False, description="A service token, or a user JWT (HS256) for reads.")
 
 
-def _caller(request: Request, _: Annotated[object, Depends(_bearer)]) -> Caller:
+# The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in a thread pool, and that
+# hand-off cost more than the whole database round trip of a balance read (py-spy, docs/performance.md).
+async def _caller(request: Request, _: Annotated[object, Depends(_bearer)]) -> Caller:
     caller = getattr(request.state, "caller", None)
     if caller is None:  # the middleware did not run: fail closed
         raise Unauthorized()
@@ -96,17 +98,18 @@ def _caller(request: Request, _: Annotated[object, Depends(_bearer)]) -> Caller:
     return caller
 
 
-def require_service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+async def require_service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     if not caller.service:
         raise Forbidden("Only services may write to the ledger.")
     return caller
 
 
-def require_reader(user_id: UUID, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+async def require_reader(user_id: UUID, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     if not caller.service and caller.user_id != user_id:
         raise Forbidden("A user may read only their own account.")
     return caller
 
 
+AnyCaller = Annotated[Caller, Depends(_caller)]
 ServiceCaller = Annotated[Caller, Depends(require_service)]
 ReaderCaller = Annotated[Caller, Depends(require_reader)]

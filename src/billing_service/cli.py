@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,11 +16,15 @@ from uuid import UUID
 
 import typer
 
-from billing_service import db, ledger
+from billing_service import db, holds, ledger
 from billing_service.errors import BillingError
+from billing_service.logs import configure_logging
+from billing_service.schemas import MAX_AMOUNT
 from billing_service.settings import Settings, get_settings
 
 app = typer.Typer(help="The token ledger of the agent platform.", no_args_is_help=True, add_completion=False)
+# The API's bounds, so an operator's typo is refused here instead of by a database constraint.
+Amount = Annotated[int, typer.Argument(min=1, max=MAX_AMOUNT, help="Tokens, from 1 to 2^53-1.")]
 T = TypeVar("T")
 
 
@@ -117,15 +123,45 @@ def serve(
             '-d \'{"user_id": "6f1c1f0e-2b7a-4a53-9d2e-2b8f7f0c9a01", "amount": 100, "description": "welcome"}\''
         )
     sys.stdout.flush()
-    uvicorn.run(
-        "billing_service.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="warning",
-        timeout_keep_alive=5,
+    # Before any worker (or, with one worker, the app) imports prometheus_client, which reads this at import.
+    metrics_dir, made_metrics_dir = _prepare_metrics_dir()
+    settings = get_settings()
+    configure_logging(
+        log_format=settings.log_format or "json", level=settings.log_level, secrets=settings.secret_values()
     )
+    try:
+        uvicorn.run(
+            "billing_service.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,  # the app routes uvicorn's records through structlog (billing_service.logs)
+            log_level=settings.log_level,
+            access_log=False,  # the telemetry middleware logs each request, with its request id
+            timeout_keep_alive=5,
+        )
+    finally:
+        if made_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _prepare_metrics_dir() -> tuple[Path, bool]:
+    """An empty PROMETHEUS_MULTIPROC_DIR for this run's workers, and whether we made it (and so remove it).
+
+    Samples left by an earlier run would be added to this run's counters, so an operator's directory is
+    emptied of them and, when none is configured, a fresh temporary one is made.
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        directory = Path(configured)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return directory, False
+    directory = Path(tempfile.mkdtemp(prefix="billing-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory, True
 
 
 @app.command()
@@ -149,7 +185,7 @@ def _posted_line(posted: ledger.Posted) -> str:
 @app.command()
 def credit(
     user_id: UUID,
-    amount: int,
+    amount: Amount,
     description: Annotated[str, typer.Option("--description", "-d")] = "operator credit",
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
 ) -> None:
@@ -168,7 +204,7 @@ def credit(
 @app.command()
 def charge(
     user_id: UUID,
-    amount: int,
+    amount: Amount,
     description: Annotated[str, typer.Option("--description", "-d")] = "operator charge",
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
 ) -> None:
@@ -211,6 +247,7 @@ def audit() -> None:
     try:
         with db.connect(url) as conn:
             accounts, findings = ledger.audit(conn)
+            hold_findings = holds.audit(conn)
     except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
         raise _fail(f"audit could not run: {exc}") from exc
     for finding in findings:
@@ -218,10 +255,12 @@ def audit() -> None:
             f"DRIFT {finding.user_id}: balance {finding.balance}, ledger sum {finding.ledger_sum}, "
             f"broken balance_after links {finding.broken_links}, seq gaps {finding.seq_gaps}"
         )
-    if findings:
-        typer.echo(f"audit: {len(findings)} of {accounts} accounts drift")
+    for user_id, hold_id, problem in hold_findings:
+        typer.echo(f"HOLD DRIFT {user_id}{f' hold {hold_id}' if hold_id else ''}: {problem}")
+    if findings or hold_findings:
+        typer.echo(f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems")
         raise typer.Exit(code=1)
-    typer.echo(f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent")
+    typer.echo(f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, all holds add up")
 
 
 @app.command("user-token")

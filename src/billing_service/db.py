@@ -103,13 +103,42 @@ def pending_migrations(url: str) -> list[str]:
     if current == set(script.get_heads()):
         return []
     lower = next(iter(current)) if current else "base"
-    return [rev.revision for rev in script.iterate_revisions("heads", lower) if rev.revision not in current]
+    newest_first = script.iterate_revisions("heads", lower)
+    return [rev.revision for rev in reversed(list(newest_first)) if rev.revision not in current]
+
+
+# psycopg_pool retries a failed connection with exponential backoff (1 s, 2 s, 4 s, ...): after a long outage
+# its next attempt could come many seconds after the database is back. Giving up a retry chain after this
+# long instead means the next request that finds the pool empty starts a fresh chain, whose first attempt is
+# immediate: the pool reconnects within about a second of the database's return, however long it was away.
+RECONNECT_CHAIN_SECONDS = 2.0
+# While the database is known to be unreachable, a request waits this long for a connection, not the full
+# pool timeout: callers get their 503 and Retry-After at once instead of piling up.
+UNREACHABLE_WAIT_SECONDS = 0.25
+
+
+class BillingPool(AsyncConnectionPool):
+    """An AsyncConnectionPool that fails fast while the database is down and notices its return at once."""
+
+    unreachable = False
+
+    async def getconn(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - psycopg_pool's signature
+        if self.unreachable:
+            timeout = min(timeout if timeout is not None else self.timeout, UNREACHABLE_WAIT_SECONDS)
+        return await super().getconn(timeout)
 
 
 def create_pool(url: str, settings: Settings, **kwargs: Any) -> AsyncConnectionPool:
     """The request path's pool: autocommit, so each ledger statement is its own transaction and one round trip."""
     options = f"-c statement_timeout={settings.statement_timeout_ms}"
-    return AsyncConnectionPool(
+
+    async def reachable(_: psycopg.AsyncConnection[Any]) -> None:
+        billing_pool.unreachable = False
+
+    def unreachable(_: AsyncConnectionPool) -> None:
+        billing_pool.unreachable = True
+
+    billing_pool = BillingPool(
         url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
@@ -118,9 +147,12 @@ def create_pool(url: str, settings: Settings, **kwargs: Any) -> AsyncConnectionP
         open=False,
         name="billing",
         # A broken connection (database restarted) is noticed on return and replaced in the background.
-        reconnect_timeout=60 * 60 * 24 * 365,
+        reconnect_timeout=RECONNECT_CHAIN_SECONDS,
+        reconnect_failed=unreachable,
+        configure=reachable,
         **kwargs,
     )
+    return billing_pool
 
 
 def connect(url: str) -> psycopg.Connection[Any]:

@@ -5,6 +5,11 @@ BillingError
 ├── Forbidden               403 forbidden
 ├── AccountNotFound         404 account_not_found (402 on a charge, as the seed says)
 ├── NotFound                404 not_found
+├── HoldNotFound            404 hold_not_found
+├── HoldNotActive           409 hold_not_active (captured, released or expired)
+├── CaptureExceedsHold      409 capture_exceeds_hold (more than remaining, without allow_overrun)
+├── ChildExceedsParent      409 child_exceeds_parent (a child larger than its parent's remaining)
+├── HoldDepthLimit          409 hold_depth_limit (children nest at most 8 levels)
 ├── InsufficientBalance     402 insufficient_balance
 ├── IdempotencyKeyReused    422 idempotency_key_reused
 ├── IdempotencyConflict     409 idempotency_conflict
@@ -65,6 +70,36 @@ class NotFound(BillingError):
     status_code = 404
     code = "not_found"
     detail = "Not found."
+
+
+class HoldNotFound(BillingError):
+    status_code = 404
+    code = "hold_not_found"
+    detail = "No such hold."
+
+
+class HoldNotActive(BillingError):
+    status_code = 409
+    code = "hold_not_active"
+    detail = "The hold is no longer active."
+
+
+class CaptureExceedsHold(BillingError):
+    status_code = 409
+    code = "capture_exceeds_hold"
+    detail = "The capture exceeds the hold's remaining amount; allow_overrun takes the excess from available."
+
+
+class ChildExceedsParent(BillingError):
+    status_code = 409
+    code = "child_exceeds_parent"
+    detail = "The child budget is larger than the parent hold's remaining amount."
+
+
+class HoldDepthLimit(BillingError):
+    status_code = 409
+    code = "hold_depth_limit"
+    detail = "Holds nest at most 8 levels deep."
 
 
 class AccountNotFound(BillingError):
@@ -172,6 +207,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers a body that is not UTF-8 with an undocumented 400; it is unparseable JSON like
+            # any other, so it gets the same documented 422 invalid_json.
+            return error_response(422, "The body is not valid UTF-8 JSON.", "invalid_json")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
         return error_response(exc.status_code, detail, code, exc.headers)

@@ -11,8 +11,9 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, LiteralString
 from uuid import UUID
 
@@ -98,6 +99,13 @@ async def _post(
             outcome, (transaction_id, balance, stored_hash) = "replayed", row
         except psycopg.errors.NumericValueOutOfRange as exc:
             raise BalanceLimitExceeded() from exc
+        if outcome == "insufficient_balance" and idempotency_key is not None:
+            # A twin with the same key may have held the row lock while we queued on it: our snapshot
+            # predates its key, and its debit made our re-checked balance too low. Its answer is the
+            # replay, not a 402; its row is visible to this new statement.
+            cursor = await conn.execute(sql.IDEMPOTENT_REPLAY, params)
+            if (row := await cursor.fetchone()) is not None:
+                outcome, (transaction_id, balance, stored_hash) = "replayed", row
     if outcome == "replayed" and bytes(stored_hash) != digest:
         raise IdempotencyKeyReused()
     return outcome, Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
@@ -126,9 +134,32 @@ async def charge(
     if outcome == "account_not_found":
         # The seed answers an unknown user on a charge with 402, like a lack of funds.
         raise AccountNotFound(status_code=402)
+    if outcome == "insufficient_balance" and await release_expired_holds(pool, user_id=user_id):
+        # Expired holds still counted in `held` until now: with them released, try exactly once more.
+        outcome, posted = await _post(
+            pool,
+            sql.CHARGE,
+            "charge",
+            user_id=user_id,
+            amount=amount,
+            description=description,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
     if outcome == "insufficient_balance":
-        raise InsufficientBalance(f"The balance is {posted.balance}; this charge needs {amount}.")
+        raise InsufficientBalance(f"The available balance is {posted.balance}; this charge needs {amount}.")
     return posted
+
+
+async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> int:
+    """Expire the user's holds whose lease ran out, giving their tokens back to available. Returns how many
+    trees were expired. Locks the expired roots (in id order) before the account row, like every hold path."""
+    async with pool.connection() as conn, conn.transaction():
+        cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
+        root_ids = [row[0] for row in await cursor.fetchall()]
+        if root_ids:
+            await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
+    return len(root_ids)
 
 
 async def credit(
@@ -182,6 +213,53 @@ async def balance(pool: AsyncConnectionPool, *, user_id: UUID) -> Account:
     return Account(user_id=user_id, balance=row[0])
 
 
+@dataclass(frozen=True)
+class Balance:
+    user_id: UUID
+    balance: int
+    held: int
+    available: int
+
+
+async def balance_with_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> Balance:
+    """The posted balance, what active holds reserve, and what is left for charges and new holds."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.BALANCE_WITH_HOLDS, {"user_id": user_id})
+        row = await cursor.fetchone()
+    if row is None:
+        raise AccountNotFound()
+    posted, held = row
+    return Balance(user_id=user_id, balance=posted, held=held, available=posted - held)
+
+
+async def balance_at(pool: AsyncConnectionPool, *, user_id: UUID, at: datetime) -> int:
+    """The posted balance at time `at`: balance_after of the last transaction at or before it."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.BALANCE_AT, {"user_id": user_id, "at": at})
+        row = await cursor.fetchone()
+    if row is None:
+        raise AccountNotFound()
+    posted: int = row[0]
+    return posted
+
+
+async def usage(
+    pool: AsyncConnectionPool, *, user_id: UUID, group_by: str, since: datetime | None, until: datetime | None
+) -> list[str]:
+    """Spend per run, model or UTC day, as JSON texts, from one index range scan of the user's rows."""
+    async with pool.connection() as conn:
+        await _require_account(conn, user_id)
+        cursor = await conn.execute(
+            sql.usage(group_by),
+            {"user_id": user_id, "since": since or _EARLIEST, "until": until or _LATEST},
+        )
+        return [row[0] for row in await cursor.fetchall()]
+
+
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC)
+
+
 def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
 
@@ -198,21 +276,33 @@ def decode_cursor(cursor: str) -> int:
 
 
 async def history_page(
-    pool: AsyncConnectionPool, *, user_id: UUID, limit: int, cursor: str | None = None
+    pool: AsyncConnectionPool,
+    *,
+    user_id: UUID,
+    limit: int,
+    cursor: str | None = None,
+    filters: Mapping[str, object] | None = None,
 ) -> tuple[list[str], str | None]:
-    """One page of history, newest first, as JSON texts; plus the cursor of the next page, if any."""
+    """One page of history, newest first, as JSON texts; plus the cursor of the next page, if any.
+
+    `filters` (run_id, type, since, until) narrow it; each is served by an index.
+    """
     before_seq = decode_cursor(cursor) if cursor is not None else 2**63 - 1
+    filters = filters or {}
     async with pool.connection() as conn:
         await _require_account(conn, user_id)
         result = await conn.execute(
-            sql.HISTORY_PAGE, {"user_id": user_id, "before_seq": before_seq, "limit": limit + 1}
+            sql.filtered_history(sql.HISTORY_PAGE, filters),
+            {**filters, "user_id": user_id, "before_seq": before_seq, "limit": limit + 1},
         )
         rows = await result.fetchall()
     next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
     return [row[1] for row in rows[:limit]], next_cursor
 
 
-async def history_stream(pool: AsyncConnectionPool, *, user_id: UUID) -> AsyncIterator[bytes]:
+async def history_stream(
+    pool: AsyncConnectionPool, *, user_id: UUID, filters: Mapping[str, object] | None = None
+) -> AsyncIterator[bytes]:
     """The whole history as a JSON array, streamed from a server-side cursor: flat memory at any size.
 
     Raises AccountNotFound before the first byte, so the caller can still answer 404.
@@ -224,7 +314,9 @@ async def history_stream(pool: AsyncConnectionPool, *, user_id: UUID) -> AsyncIt
         async with pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(name="history")
             cursor.itersize = HISTORY_STREAM_BATCH
-            await cursor.execute(sql.HISTORY_ALL, {"user_id": user_id})
+            await cursor.execute(
+                sql.filtered_history(sql.HISTORY_ALL, filters or {}), {**(filters or {}), "user_id": user_id}
+            )
             separator = b"["
             while rows := await cursor.fetchmany(HISTORY_STREAM_BATCH):
                 yield separator + ",".join(row[1] for row in rows).encode()

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from functools import partial
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service import ledger
+from billing_service import ledger, metrics
 from billing_service.auth import ReaderCaller, ServiceCaller
-from billing_service.errors import ErrorBody
+from billing_service.batcher import ChargeBatcher
+from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest
 from billing_service.schemas import (
     AccountResponse,
+    BalanceResponse,
     LedgerRequest,
     OpenAccountRequest,
     PostedResponse,
     TransactionResponse,
+    UsageResponse,
 )
 
 router = APIRouter(prefix="/billing", tags=["billing"])
@@ -42,6 +47,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
             404: "Account not found",
             409: "Concurrent request with the same Idempotency-Key",
             413: "Body too large",
+            415: "Body not declared as JSON",
             503: "Database unavailable; retry after Retry-After",
         }
     )
@@ -61,23 +67,29 @@ def _posted(posted: ledger.Posted) -> JSONResponse:
     return JSONResponse(body, headers=headers)
 
 
-@router.post("/charge-tokens", response_model=PostedResponse, responses=_errors(402, 409, 413))
+@router.post("/charge-tokens", response_model=PostedResponse, responses=_errors(402, 409, 413, 415))
 async def charge_tokens(
     body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Debit tokens. Atomic: the balance never goes below 0, whatever the concurrency."""
-    posted = await ledger.charge(
-        _pool(request),
-        user_id=body.user_id,
-        amount=body.amount,
-        description=body.description,
-        metadata=body.metadata,
-        idempotency_key=idempotency_key,
-    )
+    batcher: ChargeBatcher | None = request.app.state.batcher
+    charge = batcher.charge if batcher is not None else partial(ledger.charge, _pool(request))
+    try:
+        posted = await charge(
+            user_id=body.user_id,
+            amount=body.amount,
+            description=body.description,
+            metadata=body.metadata,
+            idempotency_key=idempotency_key,
+        )
+    except (InsufficientBalance, AccountNotFound) as refused:
+        metrics.record_charge(refused.code, body.amount)
+        raise
+    metrics.record_charge("replayed" if posted.replayed else "success", body.amount)
     return _posted(posted)
 
 
-@router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413))
+@router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413, 415))
 async def credit_tokens(
     body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -90,6 +102,7 @@ async def credit_tokens(
         metadata=body.metadata,
         idempotency_key=idempotency_key,
     )
+    metrics.record_credit(body.amount, replayed=posted.replayed)
     return _posted(posted)
 
 
@@ -97,7 +110,7 @@ async def credit_tokens(
     "/accounts",
     response_model=AccountResponse,
     status_code=201,
-    responses={200: {"model": AccountResponse, "description": "Already open"}, **_errors(413)},
+    responses={200: {"model": AccountResponse, "description": "Already open"}, **_errors(413, 415)},
 )
 async def open_account(
     body: OpenAccountRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
@@ -114,10 +127,47 @@ async def open_account(
     )
 
 
-@router.get("/balance/{user_id}", response_model=AccountResponse, responses=_errors(404))
-async def get_balance(user_id: UUID, request: Request, _: ReaderCaller) -> AccountResponse:
-    account = await ledger.balance(_pool(request), user_id=user_id)
-    return AccountResponse(user_id=account.user_id, balance=account.balance)
+@router.get(
+    "/balance/{user_id}", response_model=BalanceResponse, response_model_exclude_none=True, responses=_errors(404)
+)
+async def get_balance(
+    user_id: UUID,
+    request: Request,
+    _: ReaderCaller,
+    at: Annotated[
+        datetime | None, Query(description="RFC 3339 time with offset: the posted balance at that moment.")
+    ] = None,
+) -> BalanceResponse:
+    """The posted balance, what active holds reserve, and what is available; or, with `at`, the past balance."""
+    if at is not None:
+        if at.tzinfo is None:
+            raise InvalidRequest("at: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
+        posted = await ledger.balance_at(_pool(request), user_id=user_id, at=at)
+        return BalanceResponse(user_id=user_id, balance=posted, at=at)
+    current = await ledger.balance_with_holds(_pool(request), user_id=user_id)
+    return BalanceResponse(user_id=user_id, balance=current.balance, held=current.held, available=current.available)
+
+
+@router.get("/usage/{user_id}", response_model=UsageResponse, responses=_errors(404))
+async def get_usage(
+    user_id: UUID,
+    request: Request,
+    _: ReaderCaller,
+    group_by: Annotated[Literal["run_id", "model", "day"], Query(description="How to group the spend.")],
+    since: Annotated[datetime | None, Query(description="Inclusive, RFC 3339.")] = None,
+    until: Annotated[datetime | None, Query(description="Exclusive, RFC 3339.")] = None,
+) -> Response:
+    """Spend (debits and captures) per run, model or UTC day, with token counts from the metadata."""
+    _require_offsets(since=since, until=until)
+    groups = await ledger.usage(_pool(request), user_id=user_id, group_by=group_by, since=since, until=until)
+    body = f'{{"user_id":"{user_id}","group_by":"{group_by}","groups":[{",".join(groups)}]}}'
+    return Response(body, media_type="application/json")
+
+
+def _require_offsets(**times: datetime | None) -> None:
+    for name, value in times.items():
+        if value is not None and value.tzinfo is None:
+            raise InvalidRequest(f"{name}: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
 
 
 @router.get(
@@ -137,16 +187,25 @@ async def list_transactions(
     _: ReaderCaller,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size; omit for the whole history.")] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="Opaque; from a Link header.")] = None,
+    run_id: Annotated[str | None, Query(max_length=1000, description="Only rows with this metadata.run_id.")] = None,
+    type: Annotated[Literal["debit", "credit", "capture"] | None, Query(description="Only rows of this type.")] = None,
+    since: Annotated[datetime | None, Query(description="Only rows at or after this RFC 3339 time.")] = None,
+    until: Annotated[datetime | None, Query(description="Only rows before this RFC 3339 time.")] = None,
 ) -> Response:
     """The ledger, newest first. Without `limit` the whole history streams from a server-side cursor."""
     pool = _pool(request)
+    _require_offsets(since=since, until=until)
+    if run_id is not None and "\x00" in run_id:  # PostgreSQL text cannot hold it: a 422, not a 500
+        raise InvalidRequest("run_id: must not contain the NUL character.")
+    given = {"run_id": run_id, "type": type, "since": since, "until": until}
+    filters = {name: value for name, value in given.items() if value is not None}
     if limit is None:
         if cursor is not None:
             limit = 1000
         else:
-            chunks = await ledger.history_stream(pool, user_id=user_id)
+            chunks = await ledger.history_stream(pool, user_id=user_id, filters=filters)
             return StreamingResponse(chunks, media_type="application/json")
-    rows, next_cursor = await ledger.history_page(pool, user_id=user_id, limit=limit, cursor=cursor)
+    rows, next_cursor = await ledger.history_page(pool, user_id=user_id, limit=limit, cursor=cursor, filters=filters)
     headers = {}
     if next_cursor is not None:
         next_url = request.url.include_query_params(limit=limit, cursor=next_cursor)

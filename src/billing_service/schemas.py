@@ -7,10 +7,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 MAX_AMOUNT = 2**53 - 1  # the largest integer every JSON client reads exactly
 MAX_METADATA_BYTES = 4096
+USAGE_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cached_tokens")
 
 
 def _no_nul(value: str) -> str:
@@ -23,11 +24,25 @@ def _no_nul(value: str) -> str:
 def _small_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    text = json.dumps(value, separators=(",", ":"))
+    try:
+        # Python's json takes NaN, Infinity and unpaired surrogates; PostgreSQL's jsonb refuses all three,
+        # so refuse them here as a 422 rather than fail in the database as a 500.
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except ValueError as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError("must be JSON PostgreSQL can store: no NaN, Infinity or unpaired surrogates") from exc
     if "\\u0000" in text:
         raise ValueError("must not contain the NUL character")
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    # The usage rollup groups and sums these: a wrong type here would be a wrong chart later.
+    for key in ("run_id", "model"):
+        if key in value and not isinstance(value[key], str):
+            raise ValueError(f"{key} must be a string")
+    for key in USAGE_TOKEN_FIELDS:
+        count = value.get(key)
+        if key in value and (type(count) is not int or not 0 <= count <= MAX_AMOUNT):
+            raise ValueError(f"{key} must be an integer from 0 to {MAX_AMOUNT}")
     return value
 
 
@@ -72,6 +87,98 @@ class TransactionResponse(BaseModel):
     amount: int = Field(description="Signed: debits negative, credits positive.")
     description: str
     created_at: datetime
-    type: Literal["debit", "credit"]
+    type: Literal["debit", "credit", "capture"]
     balance_after: int
     metadata: dict[str, Any] | None = None
+    hold_id: UUID | None = Field(default=None, description="The hold a capture drew on.")
+
+
+# Holds, usage and balance at a time: see holds.py.
+
+MAX_HOLD_TTL_SECONDS = 86_400
+TtlSeconds = Annotated[
+    StrictInt, Field(ge=1, le=MAX_HOLD_TTL_SECONDS, description="Lease length in seconds (at most 86,400).")
+]
+HoldStatus = Literal["active", "captured", "released", "expired"]
+
+
+class HoldRequest(_Strict):
+    user_id: UUID
+    amount: Amount
+    description: Description
+    ttl_seconds: TtlSeconds = 900
+    metadata: Metadata = None
+
+
+class ChildHoldRequest(_Strict):
+    amount: Amount
+    description: Description
+    ttl_seconds: TtlSeconds = 900
+    metadata: Metadata = None
+
+
+class CaptureRequest(_Strict):
+    amount: Amount
+    description: Description | None = None
+    metadata: Metadata = None
+    final: StrictBool = Field(default=False, description="Capture, then release whatever the hold still reserves.")
+    allow_overrun: StrictBool = Field(
+        default=False, description="Take any excess over the hold's remaining from the available balance."
+    )
+
+
+class ExtendRequest(_Strict):
+    ttl_seconds: TtlSeconds
+
+
+class HoldResponse(BaseModel):
+    hold_id: UUID
+    user_id: UUID
+    parent_id: UUID | None = None
+    depth: int = Field(description="1 for a hold on the balance, 2 for its children, and so on (at most 8).")
+    amount: int = Field(description="Tokens reserved when the hold was made.")
+    remaining: int = Field(description="Tokens this hold may still capture or carve into children.")
+    captured: int = Field(description="Tokens captured through this hold itself.")
+    status: HoldStatus
+    expires_at: datetime
+    description: str
+    metadata: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class HoldTreeResponse(HoldResponse):
+    subtree_captured: int = Field(description="Tokens captured through this hold and all holds below it.")
+    subtree_remaining: int = Field(description="Tokens still reserved by this hold and all holds below it.")
+    children: list[HoldTreeResponse] = Field(default_factory=list)
+
+
+class CaptureResponse(BaseModel):
+    status: Literal["success"] = "success"
+    transaction_id: UUID
+    balance: int = Field(description="The posted balance after this capture.")
+    hold: HoldResponse
+
+
+class BalanceResponse(BaseModel):
+    user_id: UUID
+    balance: int = Field(description="The posted balance: the sum of the ledger.")
+    held: int | None = Field(default=None, description="Reserved by active holds (absent with ?at=).")
+    available: int | None = Field(default=None, description="balance - held: what a charge or hold may take.")
+    at: datetime | None = Field(default=None, description="With ?at=: the time the balance is given for.")
+
+
+class UsageGroup(BaseModel):
+    group: str | None = Field(description="The run_id, model or UTC day; null for spend without one.")
+    tokens: int = Field(description="Tokens spent (debits and captures).")
+    transactions: int
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+    first_at: datetime
+    last_at: datetime
+
+
+class UsageResponse(BaseModel):
+    user_id: UUID
+    group_by: Literal["run_id", "model", "day"]
+    groups: list[UsageGroup]

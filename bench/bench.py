@@ -60,7 +60,11 @@ def database(args: argparse.Namespace) -> tuple[str, str, Any]:
     server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="billing-bench-pg-")), cleanup_mode="delete")
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE billing_bench")
-        settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')").fetchall())
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')"
+            ).fetchall()
+        )
     assert settings == {"fsync": "on", "synchronous_commit": "on"}, settings
     return server.get_uri("billing_bench"), str(POSTGRES_BIN_PATH / "pgbench"), server
 
@@ -83,7 +87,9 @@ SEED = [
 
 def seed(url: str) -> None:
     """1,000 funded accounts, and one user with a 1,000,000-row history, each with a consistent chain."""
-    subprocess.run([sys.executable, "-m", "billing_service", "migrate"], env={**os.environ, "DATABASE_URL": url}, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "billing_service", "migrate"], env={**os.environ, "DATABASE_URL": url}, check=True
+    )
     params = {"accounts": ACCOUNTS, "history_user": HISTORY_USER, "rows": HISTORY_ROWS}
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in SEED:
@@ -120,8 +126,22 @@ def stop_service(process: subprocess.Popen[bytes]) -> None:
 def wrk(script: str, port: int, args: argparse.Namespace, mode: str = "spread") -> dict[str, Any]:
     nonce = uuid.uuid4().hex[:8]
     command = [
-        "wrk", "-t", "2", "-c", str(args.connections), "-d", f"{args.duration}s", "--timeout", "10s",
-        "-s", str(HERE / "wrk" / script), f"http://127.0.0.1:{port}", "--", TOKEN, mode, nonce,
+        "wrk",
+        "-t",
+        "2",
+        "-c",
+        str(args.connections),
+        "-d",
+        f"{args.duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "wrk" / script),
+        f"http://127.0.0.1:{port}",
+        "--",
+        TOKEN,
+        mode,
+        nonce,
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
@@ -162,14 +182,35 @@ def pgbench(binary: str, url: str, statement: str, args: argparse.Namespace, hot
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
         script.write(pgbench_script(statement, hot))
     command = [
-        binary, "-n", "-M", "prepared", "-c", str(args.connections), "-j", "2", "-T", str(args.duration),
-        "-P", "0", "--log-prefix", "x", "-r", "-f", script.name, url,
+        binary,
+        "-n",
+        "-M",
+        "prepared",
+        "-c",
+        str(args.connections),
+        "-j",
+        "2",
+        "-T",
+        str(args.duration),
+        "-P",
+        "0",
+        "--log-prefix",
+        "x",
+        "-r",
+        "-f",
+        script.name,
+        url,
     ]
-    output = subprocess.run([c for c in command if c not in ("-P", "0", "--log-prefix", "x")],
-                            capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [c for c in command if c not in ("-P", "0", "--log-prefix", "x")], capture_output=True, text=True, check=True
+    ).stdout
     tps = float(re.search(r"tps = ([\d.]+)", output).group(1))  # type: ignore[union-attr]
     latency = float(re.search(r"latency average = ([\d.]+) ms", output).group(1))  # type: ignore[union-attr]
-    failed = int(re.search(r"number of failed transactions: (\d+)", output).group(1)) if "failed transactions" in output else 0  # type: ignore[union-attr]
+    failed = (
+        int(re.search(r"number of failed transactions: (\d+)", output).group(1))
+        if "failed transactions" in output
+        else 0
+    )  # type: ignore[union-attr]
     return {"tps": round(tps, 1), "avg_ms": latency, "failed": failed}
 
 
@@ -192,8 +233,12 @@ def history(port: int, server: subprocess.Popen[bytes]) -> dict[str, Any]:
     started = time.perf_counter()
     first_byte = None
     size = 0
-    with httpx.stream("GET", f"http://127.0.0.1:{port}/billing/transactions/{HISTORY_USER}",
-                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300) as response:
+    with httpx.stream(
+        "GET",
+        f"http://127.0.0.1:{port}/billing/transactions/{HISTORY_USER}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=300,
+    ) as response:
         for chunk in response.iter_raw():
             if first_byte is None:
                 first_byte = time.perf_counter() - started
@@ -211,8 +256,12 @@ def history(port: int, server: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 def audit_and_count(url: str) -> tuple[bool, int]:
-    result = subprocess.run([sys.executable, "-m", "billing_service", "audit"], env={**os.environ, "DATABASE_URL": url},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "billing_service", "audit"],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+    )
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM transactions WHERE description = 'bench charge'").fetchone()
     return result.returncode == 0, int(row[0]) if row else 0
@@ -280,14 +329,20 @@ def print_table(results: dict[str, Any]) -> None:
     for run in results["runs"]:
         for name in ("charge_spread", "charge_hot", "balance"):
             figures, base = run[name], limit[name]["tps"]
-            print(f"{name:<22}{run['workers']:>8}{figures['rps']:>10}{figures['p50_ms']:>9}{figures['p99_ms']:>9}"
-                  f"{figures['non_2xx']:>9}{base:>11}{figures['rps'] / base:>8.2f}")
+            print(
+                f"{name:<22}{run['workers']:>8}{figures['rps']:>10}{figures['p50_ms']:>9}{figures['p99_ms']:>9}"
+                f"{figures['non_2xx']:>9}{base:>11}{figures['rps'] / base:>8.2f}"
+            )
         if "history_1m" in run:
             h = run["history_1m"]
-            print(f"{'history 1M rows':<22}{run['workers']:>8}  first byte {h['ttfb_ms']} ms, total {h['total_s']} s, "
-                  f"RSS growth {h['rss_growth_mb']} MB")
-        print(f"{'audit':<22}{run['workers']:>8}  {'clean' if run['audit_clean'] else 'DRIFT'}; "
-              f"acked charges {run['acked_charges']}, ledger rows added {run['ledger_charges_added']}")
+            print(
+                f"{'history 1M rows':<22}{run['workers']:>8}  first byte {h['ttfb_ms']} ms, total {h['total_s']} s, "
+                f"RSS growth {h['rss_growth_mb']} MB"
+            )
+        print(
+            f"{'audit':<22}{run['workers']:>8}  {'clean' if run['audit_clean'] else 'DRIFT'}; "
+            f"acked charges {run['acked_charges']}, ledger rows added {run['ledger_charges_added']}"
+        )
 
 
 if __name__ == "__main__":

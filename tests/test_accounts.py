@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from conftest import fund, ledger_state
 
 
@@ -65,3 +67,15 @@ def test_open_account_takes_only_a_user_id(client, db, user_id):
     missing = client.post("/billing/accounts", json={})
     assert missing.status_code == 422
     assert missing.json()["code"] == "validation_error"
+
+
+def test_concurrent_opens_create_the_account_once(server, db, user_id):
+    async def main():
+        async with server.async_client() as http:
+            return await asyncio.gather(
+                *(http.post("/billing/accounts", json={"user_id": str(user_id)}) for _ in range(20))
+            )
+
+    statuses = sorted(response.status_code for response in asyncio.run(main()))
+    assert statuses == [200] * 19 + [201]
+    assert ledger_state(db, user_id) == (0, 0, 0)

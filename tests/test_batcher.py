@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from conftest import LiveServer, fund, ledger_state, start_server, stop_server
 
 

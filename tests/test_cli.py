@@ -42,7 +42,9 @@ def cli_database(postgres):
     url = postgres.create_database()
     migrated = billing(url, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.startswith("applied ") and "0001" in migrated.stdout
+    assert migrated.stdout.startswith("applied ")
+    applied = migrated.stdout.removeprefix("applied ").strip().split(", ")
+    assert applied[0] == "0001" and applied == sorted(applied), "migrations are listed in the order they ran"
     yield url
     postgres.drop_database(url)
 

@@ -82,13 +82,13 @@ def test_a_capture_racing_a_release_is_one_or_the_other(server, client, db, user
 
 
 def test_a_capture_racing_expiry_never_takes_expired_tokens(server, client, db, user_id):
-    fund(client, user_id, 10_000)
-    hold_id = hold(client, user_id, 1000, ttl_seconds=1)["hold_id"]
+    fund(client, user_id, 1_000_000)
+    hold_id = hold(client, user_id, 100_000, ttl_seconds=2)["hold_id"]
 
     async def capture_until_refused():
         async with server.async_client() as http:
             accepted = 0
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 response = await http.post(f"/billing/holds/{hold_id}/capture", json={"amount": 1})
                 if response.status_code == 200:
@@ -100,7 +100,7 @@ def test_a_capture_racing_expiry_never_takes_expired_tokens(server, client, db, 
 
     async def charge_the_rest_once_expired():
         async with server.async_client() as http:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(2.5)
             # The rest of the balance becomes available exactly when the hold expires, swept or not.
             available = (await http.get(f"/billing/balance/{user_id}")).json()["available"]
             return available
@@ -110,9 +110,9 @@ def test_a_capture_racing_expiry_never_takes_expired_tokens(server, client, db, 
 
     *accepted, available_after_expiry = run(race())
     captured = sum(accepted)
-    assert 0 < captured <= 1000
+    assert 0 < captured <= 100_000
     balance_now = ledger_state(db, user_id)[0]
-    assert balance_now == 10_000 - captured
+    assert balance_now == 1_000_000 - captured
     assert available_after_expiry == balance_now
     tree = client.get(f"/billing/holds/{hold_id}").json()
     assert tree["status"] == "expired"
@@ -182,3 +182,26 @@ def test_mixed_hold_traffic_leaves_the_books_exact(server, client, db, user_id):
     assert db.execute("SELECT held FROM accounts WHERE user_id = %s", (user_id,)).fetchone()[0] == 0
     assert_books_balance(db, user_id)
     assert_audit_clean(server)
+
+
+def test_concurrent_retries_with_one_key_make_one_hold_and_one_capture(server, client, db, user_id):
+    fund(client, user_id, 1000)
+
+    async def race(path, body, key, copies=12):
+        async with server.async_client() as http:
+            return await asyncio.gather(
+                *(http.post(path, json=body, headers={"Idempotency-Key": key}) for _ in range(copies))
+            )
+
+    body = {"user_id": str(user_id), "amount": 100, "description": "run"}
+    created = run(race("/billing/holds", body, "hold-race"))
+    assert {response.status_code for response in created} <= {201, 409}, [r.text for r in created]
+    hold_ids = {response.json()["hold_id"] for response in created if response.status_code == 201}
+    assert len(hold_ids) == 1
+    (hold_id,) = hold_ids
+    captured = run(race(f"/billing/holds/{hold_id}/capture", {"amount": 30}, "capture-race"))
+    assert {response.status_code for response in captured} <= {200, 409}, [r.text for r in captured]
+    assert len({response.json()["transaction_id"] for response in captured if response.status_code == 200}) == 1
+    assert ledger_state(db, user_id) == (970, 970, 2)
+    assert client.get(f"/billing/holds/{hold_id}").json()["remaining"] == 70
+    assert_books_balance(db, user_id)

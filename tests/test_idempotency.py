@@ -165,13 +165,17 @@ def test_duplicates_queued_on_the_row_lock_replay_even_when_the_winner_took_the_
         threads = [threading.Thread(target=duplicate) for _ in range(copies)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 30
+        # Every duplicate queues on the lock, unless the server coalesces them first (BILLING_BATCH_CHARGES
+        # sends one batch per worker): then settle for what queued within a grace period.
+        deadline, grace_ends = time.monotonic() + 30, None
         while time.monotonic() < deadline:
             waiting = db.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            ).fetchone()
-            if waiting and waiting[0] >= copies:
+            ).fetchone()[0]
+            if waiting >= copies or (grace_ends is not None and time.monotonic() > grace_ends):
                 break
+            if waiting and grace_ends is None:
+                grace_ends = time.monotonic() + 2
             time.sleep(0.05)
         else:
             pytest.fail("the duplicates never queued on the account's row lock")

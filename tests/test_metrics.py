@@ -5,16 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SERVICE_TOKEN, LiveServer, fund, start_server, stop_server
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str) -> Iterator[LiveServer]:
+    """A server of this module's own: the assertions are exact deltas of process-wide counters, which a request
+    still in flight from another module's test (a killed client, say) would otherwise disturb."""
+    live = start_server(database_url, workers=2)
+    yield live
+    stop_server(live.process)
 
 
 def scrape(base_url: str, token: str | None = None) -> Samples:

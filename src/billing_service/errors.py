@@ -19,7 +19,7 @@ BillingError
 └── DatabaseUnavailable     503 database_unavailable (with Retry-After)
 
 Domain code raises these; `install_error_handlers` turns them, and FastAPI's own validation and HTTP
-errors, into `{"detail": ..., "code": ...}`.
+errors, into `{"detail": ..., "code": ...}`. Anything else is a bug: 500 internal_error, same shape.
 """
 
 from __future__ import annotations
@@ -211,6 +211,15 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI answers a body that is not UTF-8 with an undocumented 400; it is unparseable JSON like
             # any other, so it gets the same documented 422 invalid_json.
             return error_response(422, "The body is not valid UTF-8 JSON.", "invalid_json")
+        if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
+            # Likewise JSON that Python's parser gives up on: nested too deep, or an integer too long to read.
+            return error_response(422, "The body is JSON this service cannot read.", "invalid_json")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
         return error_response(exc.status_code, detail, code, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, and the server still logs it with its traceback (Starlette re-raises after this answer);
+        # the client still gets the documented shape, and never a stack trace or a plain-text page.
+        return error_response(500, "Internal error.", "internal_error")

@@ -154,11 +154,15 @@ async def charge(
 async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> int:
     """Expire the user's holds whose lease ran out, giving their tokens back to available. Returns how many
     trees were expired. Locks the expired roots (in id order) before the account row, like every hold path."""
-    async with pool.connection() as conn, conn.transaction():
-        cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
-        root_ids = [row[0] for row in await cursor.fetchall()]
-        if root_ids:
-            await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.HAS_EXPIRED_ROOTS, {"user_id": user_id})
+        if not (await cursor.fetchone() or (False,))[0]:
+            return 0
+        async with conn.transaction():
+            cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
+            root_ids = [row[0] for row in await cursor.fetchall()]
+            if root_ids:
+                await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
     return len(root_ids)
 
 

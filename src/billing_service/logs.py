@@ -28,8 +28,11 @@ class _Redact:
         self.secrets = sorted({secret for secret in secrets if len(secret) >= 8}, key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
-        text = _BEARER.sub("Bearer [REDACTED]", text)
-        text = _JWT.sub("[REDACTED_JWT]", text)
+        # Cheap substring tests first: nearly every string in a log line contains neither.
+        if "eyJ" in text:
+            text = _JWT.sub("[REDACTED_JWT]", text)
+        if "bearer" in text.lower():
+            text = _BEARER.sub("Bearer [REDACTED]", text)
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "[REDACTED]")
@@ -47,7 +50,6 @@ def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Processor
@@ -55,21 +57,19 @@ def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
+    # Last before rendering, so tracebacks and foreign messages are scrubbed too.
+    finish: list[Processor] = [structlog.processors.format_exc_info, _Redact(secrets), renderer]
+    # Our own lines (the access line on every request) skip the stdlib machinery: rendered and written
+    # directly, which costs a fraction of a LogRecord's round trip through logging.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, _name_the_logger, *finish],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            # Last before rendering, so tracebacks and foreign messages are scrubbed too.
-            _Redact(secrets),
-            renderer,
-        ],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finish],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
@@ -88,4 +88,10 @@ def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable
 
 
 def get_logger(name: str) -> Any:
-    return structlog.stdlib.get_logger(name)
+    # `logger` is a parameter of structlog.get_logger itself, so the name travels as `logger_name`.
+    return structlog.get_logger(logger_name=name)
+
+
+def _name_the_logger(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    event_dict["logger"] = event_dict.pop("logger_name", "billing_service")
+    return event_dict

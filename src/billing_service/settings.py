@@ -13,7 +13,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_POOL_TIMEOUT       | seconds to wait for a free connection before a 503 (3)                |
 | BILLING_STATEMENT_TIMEOUT_MS | PostgreSQL statement_timeout for request statements (5000)          |
 | BILLING_MAX_BODY_BYTES     | request bodies above this get 413 (65536)                             |
-| BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
+| BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (false)        |
 | BILLING_BATCH_MAX_SIZE     | most charges in one batch (256)                                       |
 | BILLING_BATCH_MAX_INFLIGHT | batches a worker may have committing at once (2)                      |
 | BILLING_LOG_FORMAT         | `json` or `console`; default console when embedded, json otherwise   |

@@ -279,6 +279,14 @@ SELECT count(*) FROM due
 """
 
 # A refused charge or hold may have been refused only because expired holds still count in `held`.
+# The cheap look first (one index probe, no transaction), so a refusal with nothing to sweep costs one round trip.
+HAS_EXPIRED_ROOTS: LiteralString = """
+SELECT EXISTS (
+    SELECT 1 FROM holds
+    WHERE user_id = %(user_id)s AND parent_id IS NULL AND status = 'active' AND expires_at <= statement_timestamp()
+)
+"""
+
 # Locks the expired roots in id order (two sweeps never deadlock), before the account row.
 LOCK_EXPIRED_ROOTS: LiteralString = """
 SELECT id FROM holds

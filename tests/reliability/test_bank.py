@@ -50,11 +50,19 @@ class BankClient:
         return self.random.choice(self.accounts[1:])
 
     async def post(self, kind: str, key: str, body: dict[str, Any]) -> httpx.Response:
-        self.log.requests += 1
-        response = await self.http.post(f"/billing/{kind}-tokens", json=body, headers={"Idempotency-Key": key})
-        if response.status_code >= 500:
+        """No fault is injected here, so a 5xx or a dropped connection is itself a violation. The request is
+        still retried with its key until it gets an answer, so the ledger can be checked against the log."""
+        for _ in range(10):
+            self.log.requests += 1
+            try:
+                response = await self.http.post(f"/billing/{kind}-tokens", json=body, headers={"Idempotency-Key": key})
+            except httpx.TransportError as exc:
+                self.log.violations.append(f"{kind} {key}: no answer ({exc!r})")
+                continue
+            if response.status_code < 500:
+                return response
             self.log.violations.append(f"{kind} {key}: {response.status_code} {response.text}")
-        return response
+        raise AssertionError(f"{kind} {key} got no answer in 10 tries: {self.log.violations[-3:]}")
 
     def acknowledge(self, kind: str, key: str, body: dict[str, Any], response: httpx.Response) -> None:
         self.log.record(key, kind, body["user_id"], body["amount"], response.json())

@@ -91,14 +91,15 @@ def kill_a_worker(server: LiveServer) -> tuple[int, float]:
     victim = random.choice(workers)
     victim.kill()
     started = time.monotonic()
-    respawned = wait_for(
-        lambda: (
-            {p.pid for p in worker_processes(server.process.pid) if p.status() != psutil.STATUS_ZOMBIE}
-            - {w.pid for w in workers}
-            and len(worker_processes(server.process.pid)) == 2
-        ),
-        timeout=30,
-    )
+
+    def replaced() -> bool:
+        try:
+            alive = {p.pid for p in worker_processes(server.process.pid) if p.status() != psutil.STATUS_ZOMBIE}
+        except psutil.NoSuchProcess:  # a worker vanished between listing and asking: look again
+            return False
+        return len(alive) == 2 and victim.pid not in alive
+
+    respawned = wait_for(replaced, timeout=30)
     assert respawned, "uvicorn did not replace the killed worker"
     return victim.pid, time.monotonic() - started
 

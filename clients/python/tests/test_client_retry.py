@@ -76,6 +76,7 @@ def test_429_is_retried_after_retry_after_with_the_same_key(
     credit_attempts = transport.requests[:2]
     assert [r.url.path for r in credit_attempts] == ["/billing/credit-tokens"] * 2
     assert credit_attempts[0].headers["Idempotency-Key"] == credit_attempts[1].headers["Idempotency-Key"]
+    assert credit_attempts[0].headers["X-Request-ID"] == credit_attempts[1].headers["X-Request-ID"]
     # Retry-After (1 s) replaces FAST_RETRY's sub-second backoff.
     assert transport.sent_at[1] - transport.sent_at[0] >= 0.9
     assert transport.requests[2].headers["Idempotency-Key"] != credit_attempts[0].headers["Idempotency-Key"]

@@ -139,7 +139,14 @@ def _page(response: httpx.Response) -> TransactionPage:
     rows = _json(response)
     next_link = response.links.get("next", {}).get("url")
     next_cursor = parse_qs(urlsplit(next_link).query).get("cursor", [None])[0] if next_link else None
-    return TransactionPage([Transaction.from_json(row) for row in rows], next_cursor)
+    return TransactionPage([Transaction.from_json(row) for row in rows], next_cursor, next_link)
+
+
+def _same_origin_path(link: str) -> str:
+    # The service links with a path; should it ever send an absolute URL, keep only its path and query,
+    # so the client's token is never sent anywhere but its own base_url.
+    parts = urlsplit(link)
+    return f"{parts.path}?{parts.query}" if parts.query else parts.path
 
 
 def _hold(response: httpx.Response) -> Hold:
@@ -238,7 +245,8 @@ class _Base:
             "url": self.base_url + call.path,
             "json": call.json,
             "params": call.params,
-            "headers": {**self._auth, **call.headers},
+            # One request id per call, shared by its retries: the service logs every attempt under it.
+            "headers": {**self._auth, "X-Request-ID": uuid.uuid4().hex, **call.headers},
             "timeout": self._timeout,
         }
 
@@ -339,13 +347,12 @@ class BillingClient(_Base):
 
     def iter_transactions(self, user_id: UserId, *, page_size: int = 500) -> Iterator[Transaction]:
         """Every transaction, newest first, fetching the next page (from the `Link` header) only when needed."""
-        cursor: str | None = None
+        page = self.transactions(user_id, limit=page_size)
         while True:
-            page = self.transactions(user_id, limit=page_size, cursor=cursor)
             yield from page.transactions
-            if page.next_cursor is None:
+            if page.next_link is None:
                 return
-            cursor = page.next_cursor
+            page = self._send(_Call("GET", _same_origin_path(page.next_link), _page))
 
     def create_hold(
         self,
@@ -549,14 +556,13 @@ class AsyncBillingClient(_Base):
 
     async def iter_transactions(self, user_id: UserId, *, page_size: int = 500) -> AsyncIterator[Transaction]:
         """Every transaction, newest first, fetching the next page (from the `Link` header) only when needed."""
-        cursor: str | None = None
+        page = await self.transactions(user_id, limit=page_size)
         while True:
-            page = await self.transactions(user_id, limit=page_size, cursor=cursor)
             for transaction in page.transactions:
                 yield transaction
-            if page.next_cursor is None:
+            if page.next_link is None:
                 return
-            cursor = page.next_cursor
+            page = await self._send(_Call("GET", _same_origin_path(page.next_link), _page))
 
     async def create_hold(
         self,

@@ -67,6 +67,7 @@ class TransactionPage:
 
     transactions: list[Transaction]
     next_cursor: str | None
+    next_link: str | None = None  # the `Link: rel="next"` target, as the service gave it
 
 
 @dataclass(frozen=True)

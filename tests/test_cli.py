@@ -147,3 +147,11 @@ def test_pending_migrations_are_a_clear_error(postgres):
 def test_serve_refuses_an_external_database_without_service_tokens(cli_database, tmp_path):
     result = billing(cli_database, "serve", "--port", str(free_port()), cwd=tmp_path, BILLING_SERVICE_TOKENS="")
     assert_clear_error(result, "BILLING_SERVICE_TOKENS", "refusing to start")
+
+
+def test_a_description_out_of_bounds_is_refused_before_touching_money(cli_database):
+    user = uuid.uuid4()
+    assert_clear_error(billing(cli_database, "credit", str(user), "5", "-d", ""), "1 to 1,000 characters")
+    assert_clear_error(billing(cli_database, "credit", str(user), "5", "-d", "x" * 1001), "1 to 1,000 characters")
+    with psycopg.connect(cli_database, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM accounts WHERE user_id = %s", (user,)).fetchone() == (0,)

@@ -182,42 +182,47 @@ def _posted_line(posted: ledger.Posted) -> str:
     return f"transaction {posted.transaction_id}: balance {posted.balance}{replay}"
 
 
-@app.command()
-def credit(
+Description = Annotated[str, typer.Option("--description", "-d", help="1 to 1,000 characters.")]
+IdempotencyKey = Annotated[str | None, typer.Option("--idempotency-key", help="1 to 255 characters.")]
+
+
+def _post_from_cli(
+    operation: Callable[..., Awaitable[ledger.Posted]],
     user_id: UUID,
-    amount: Amount,
-    description: Annotated[str, typer.Option("--description", "-d")] = "operator credit",
-    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    amount: int,
+    description: str,
+    idempotency_key: str | None,
 ) -> None:
-    """Credit tokens to a user (opens the account if needed)."""
+    """Credit or charge through the same ledger function as the API, with the API's bounds."""
+    if not 1 <= len(description) <= 1000:
+        raise _fail("the description must be 1 to 1,000 characters")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise _fail("the idempotency key must be 1 to 255 characters")
     settings = get_settings()
     posted = _run(
         settings,
         _ready_database_url(settings),
-        lambda pool: ledger.credit(
+        lambda pool: operation(
             pool, user_id=user_id, amount=amount, description=description, idempotency_key=idempotency_key
         ),
     )
     typer.echo(_posted_line(posted))
+
+
+@app.command()
+def credit(
+    user_id: UUID, amount: Amount, description: Description = "operator credit", idempotency_key: IdempotencyKey = None
+) -> None:
+    """Credit tokens to a user (opens the account if needed)."""
+    _post_from_cli(ledger.credit, user_id, amount, description, idempotency_key)
 
 
 @app.command()
 def charge(
-    user_id: UUID,
-    amount: Amount,
-    description: Annotated[str, typer.Option("--description", "-d")] = "operator charge",
-    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    user_id: UUID, amount: Amount, description: Description = "operator charge", idempotency_key: IdempotencyKey = None
 ) -> None:
     """Debit tokens from a user; refused if the balance does not cover it."""
-    settings = get_settings()
-    posted = _run(
-        settings,
-        _ready_database_url(settings),
-        lambda pool: ledger.charge(
-            pool, user_id=user_id, amount=amount, description=description, idempotency_key=idempotency_key
-        ),
-    )
-    typer.echo(_posted_line(posted))
+    _post_from_cli(ledger.charge, user_id, amount, description, idempotency_key)
 
 
 @app.command()

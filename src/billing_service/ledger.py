@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, LiteralString
 from uuid import UUID
 
@@ -32,6 +33,7 @@ from billing_service.errors import (
 )
 
 HISTORY_STREAM_BATCH = 2000
+HISTORY_FIRST_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ async def charge(
     idempotency_key: str | None = None,
 ) -> Posted:
     """Debit `amount` if the balance covers it. Refused debits write nothing, not even the key."""
-    outcome, posted = await _post(
+    post = partial(
+        _post,
         pool,
         sql.CHARGE,
         "charge",
@@ -131,21 +134,13 @@ async def charge(
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
+    outcome, posted = await post()
     if outcome == "account_not_found":
         # The seed answers an unknown user on a charge with 402, like a lack of funds.
         raise AccountNotFound(status_code=402)
     if outcome == "insufficient_balance" and await release_expired_holds(pool, user_id=user_id):
         # Expired holds still counted in `held` until now: with them released, try exactly once more.
-        outcome, posted = await _post(
-            pool,
-            sql.CHARGE,
-            "charge",
-            user_id=user_id,
-            amount=amount,
-            description=description,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
+        outcome, posted = await post()
     if outcome == "insufficient_balance":
         raise InsufficientBalance(f"The available balance is {posted.balance}; this charge needs {amount}.")
     return posted
@@ -322,9 +317,11 @@ async def history_stream(
                 sql.filtered_history(sql.HISTORY_ALL, filters or {}), {**(filters or {}), "user_id": user_id}
             )
             separator = b"["
-            while rows := await cursor.fetchmany(HISTORY_STREAM_BATCH):
+            # A small first batch gets the first byte out quickly; larger ones after it keep the stream cheap.
+            batch = HISTORY_FIRST_BATCH
+            while rows := await cursor.fetchmany(batch):
                 yield separator + ",".join(row[1] for row in rows).encode()
-                separator = b","
+                separator, batch = b",", HISTORY_STREAM_BATCH
             yield b"[]" if separator == b"[" else b"]"
 
     return chunks()

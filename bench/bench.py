@@ -230,29 +230,36 @@ def history(port: int, server: subprocess.Popen[bytes]) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    # Twice: the first history request a worker serves pays for cold code paths and a cold backend; the
+    # second is the steady state. Both are reported.
+    # One keep-alive client, so the second request reaches the worker the first one warmed.
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+        first, second = download(client), download(client)
+    sampling[0] = False
+    sampler.join()
+    return {
+        "ttfb_cold_ms": first["ttfb_ms"],
+        "ttfb_ms": second["ttfb_ms"],
+        "total_s": second["total_s"],
+        "bytes": second["bytes"],
+        "rss_growth_mb": round((peak[0] - baseline) / 2**20, 1),
+    }
+
+
+def download(client: httpx.Client) -> dict[str, Any]:
     started = time.perf_counter()
     first_byte = None
     size = 0
-    with httpx.stream(
-        "GET",
-        f"http://127.0.0.1:{port}/billing/transactions/{HISTORY_USER}",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=300,
+    with client.stream(
+        "GET", f"/billing/transactions/{HISTORY_USER}", headers={"Authorization": f"Bearer {TOKEN}"}
     ) as response:
         for chunk in response.iter_raw():
             if first_byte is None:
                 first_byte = time.perf_counter() - started
             size += len(chunk)
-    total = time.perf_counter() - started
-    sampling[0] = False
-    sampler.join()
     assert response.status_code == 200
-    return {
-        "ttfb_ms": round((first_byte or 0) * 1000, 1),
-        "total_s": round(total, 2),
-        "bytes": size,
-        "rss_growth_mb": round((peak[0] - baseline) / 2**20, 1),
-    }
+    total = time.perf_counter() - started
+    return {"ttfb_ms": round((first_byte or 0) * 1000, 1), "total_s": round(total, 2), "bytes": size}
 
 
 def audit_and_count(url: str) -> tuple[bool, int]:
@@ -343,12 +350,14 @@ def print_table(results: dict[str, Any]) -> None:
         if "history_1m" in run:
             h = run["history_1m"]
             print(
-                f"{'history 1M rows':<22}{run['workers']:>8}  first byte {h['ttfb_ms']} ms, total {h['total_s']} s, "
+                f"{'history 1M rows':<22}{run['workers']:>8}  first byte {h['ttfb_ms']} ms (cold worker: "
+                f"{h['ttfb_cold_ms']} ms), total {h['total_s']} s, "
                 f"RSS growth {h['rss_growth_mb']} MB"
             )
         print(
             f"{'audit':<22}{run['workers']:>8}  {'clean' if run['audit_clean'] else 'DRIFT'}; "
-            f"acked charges {run['acked_charges']}, ledger rows added {run['ledger_charges_added']}"
+            f"acked charges {run['acked_charges']}, ledger rows added {run['ledger_charges_added']} "
+            f"({'consistent' if run['ledger_matches_acks'] else 'MISMATCH'})"
         )
 
 

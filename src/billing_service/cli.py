@@ -229,7 +229,9 @@ def charge(
 def balance(user_id: UUID) -> None:
     """Print a user's balance."""
     settings = get_settings()
-    account = _run(settings, _ready_database_url(settings), lambda pool: ledger.balance(pool, user_id=user_id))
+    account = _run(
+        settings, _ready_database_url(settings), lambda pool: ledger.balance_with_holds(pool, user_id=user_id)
+    )
     typer.echo(f"{account.user_id}: {account.balance}")
 
 

@@ -203,15 +203,6 @@ async def open_account(
     return Account(user_id=user_id, balance=balance), False, replayed
 
 
-async def balance(pool: AsyncConnectionPool, *, user_id: UUID) -> Account:
-    async with pool.connection() as conn:
-        cursor = await conn.execute(sql.BALANCE, {"user_id": user_id})
-        row = await cursor.fetchone()
-    if row is None:
-        raise AccountNotFound()
-    return Account(user_id=user_id, balance=row[0])
-
-
 @dataclass(frozen=True)
 class Balance:
     user_id: UUID

@@ -393,13 +393,18 @@ LEFT JOIN inserted i ON true
 LEFT JOIN target t ON true
 """
 
+# The Idempotency-Key, if any, that this user already spent on a release or an extend (which create no row
+# of their own to carry it). Compared with the request's hash in Python.
+_EXISTING_HOLD_REQUEST = """
+    existing AS (
+        SELECT hold_id, request_hash FROM hold_requests
+        WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
+    )"""
+
 # Under the tree lock. Releases the hold and every sub-budget still open below it; the freed tokens go back
 # to the parent hold (which is live: children never outlive it), or to available for a root.
-HOLD_RELEASE: LiteralString = """
-WITH existing AS (
-    SELECT hold_id, request_hash FROM hold_requests
-    WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
-),
+HOLD_RELEASE: LiteralString = f"""
+WITH {_EXISTING_HOLD_REQUEST},
 target AS (
     SELECT id, parent_id, status, expires_at > statement_timestamp() AS live
     FROM holds
@@ -448,11 +453,8 @@ LEFT JOIN target t ON true
 """
 
 # Under the tree lock. A lease: never shortens, and a child never outlives its parent.
-HOLD_EXTEND: LiteralString = """
-WITH existing AS (
-    SELECT hold_id, request_hash FROM hold_requests
-    WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
-),
+HOLD_EXTEND: LiteralString = f"""
+WITH {_EXISTING_HOLD_REQUEST},
 target AS (
     SELECT h.id, h.status, h.expires_at > statement_timestamp() AS live, p.expires_at AS parent_expires_at
     FROM holds h

@@ -5,7 +5,7 @@
 It starts PostgreSQL (embedded, or a fresh database on --database-url), migrates, seeds 1,000 accounts,
 then for each worker count starts `billing serve --workers N` and drives it with wrk (a C load generator:
 Python would eat the CPU it measures). pgbench runs the service's exact charge and balance SQL (from
-billing_service.sql) at the same concurrency. Results go to bench/results/latest.json and a table.
+billing_service.ledger.sql) at the same concurrency. Results go to bench/results/latest.json and a table.
 synchronous_commit and fsync stay on: every acknowledged charge is on disk.
 """
 
@@ -30,7 +30,7 @@ import httpx
 import psutil
 import psycopg
 
-from billing_service import sql
+from billing_service.ledger import sql
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -131,7 +131,7 @@ def explain(db, statement, params):
 
 
 def test_usage_history_and_balance_at_are_served_by_indexes(db, client, user_id):
-    from billing_service import sql
+    from billing_service.ledger import sql
 
     fund(client, user_id, 10)
     params = {

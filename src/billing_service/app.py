@@ -11,14 +11,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_service import db, metrics
-from billing_service.auth import AuthenticationMiddleware
-from billing_service.batcher import ChargeBatcher
+from billing_service.edge.auth import AuthenticationMiddleware
+from billing_service.edge.telemetry import RequestTelemetryMiddleware
+from billing_service.edge.telemetry import router as metrics_router
 from billing_service.errors import PayloadTooLarge, error_response, install_error_handlers
+from billing_service.holds.routes import router as holds_router
+from billing_service.ledger.batcher import ChargeBatcher
+from billing_service.ledger.routes import health, router
 from billing_service.logs import configure_logging
-from billing_service.observability import RequestTelemetryMiddleware
-from billing_service.observability import router as metrics_router
-from billing_service.routes import health, router
-from billing_service.routes_holds import router as holds_router
 from billing_service.settings import Settings, get_settings
 
 

@@ -16,10 +16,12 @@ from uuid import UUID
 
 import typer
 
-from billing_service import db, holds, ledger
+from billing_service import db
 from billing_service.errors import BillingError
+from billing_service.holds import rules as holds
+from billing_service.ledger import rules as ledger
+from billing_service.ledger.schemas import MAX_AMOUNT
 from billing_service.logs import configure_logging
-from billing_service.schemas import MAX_AMOUNT
 from billing_service.settings import Settings, get_settings
 
 app = typer.Typer(help="The token ledger of the agent platform.", no_args_is_help=True, add_completion=False)

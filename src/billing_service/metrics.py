@@ -29,8 +29,8 @@ from prometheus_client import (
 )
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service import sql
-from billing_service.batcher import BatchStats
+from billing_service.holds import sql
+from billing_service.ledger.batcher import BatchStats
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POOL_SAMPLE_SECONDS = 1.0

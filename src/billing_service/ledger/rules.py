@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +20,6 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service import sql
 from billing_service.errors import (
     AccountNotFound,
     BalanceLimitExceeded,
@@ -31,6 +28,9 @@ from billing_service.errors import (
     InsufficientBalance,
     InvalidRequest,
 )
+from billing_service.holds.rules import release_expired_holds
+from billing_service.idempotency import request_hash
+from billing_service.ledger import sql
 
 HISTORY_STREAM_BATCH = 2000
 HISTORY_FIRST_BATCH = 100
@@ -58,12 +58,6 @@ class AuditFinding:
     ledger_sum: int
     broken_links: int
     seq_gaps: int
-
-
-def request_hash(operation: str, **fields: Any) -> bytes:
-    """What makes two requests 'the same' for an Idempotency-Key: the operation and its whole body."""
-    canonical = json.dumps({"operation": operation, **fields}, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).digest()
 
 
 async def _post(
@@ -144,21 +138,6 @@ async def charge(
     if outcome == "insufficient_balance":
         raise InsufficientBalance(f"The available balance is {posted.balance}; this charge needs {amount}.")
     return posted
-
-
-async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> int:
-    """Expire the user's holds whose lease ran out, giving their tokens back to available. Returns how many
-    trees were expired. Locks the expired roots (in id order) before the account row, like every hold path."""
-    async with pool.connection() as conn:
-        cursor = await conn.execute(sql.HAS_EXPIRED_ROOTS, {"user_id": user_id})
-        if not (await cursor.fetchone() or (False,))[0]:
-            return 0
-        async with conn.transaction():
-            cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
-            root_ids = [row[0] for row in await cursor.fetchall()]
-            if root_ids:
-                await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
-    return len(root_ids)
 
 
 async def credit(

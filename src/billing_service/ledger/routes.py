@@ -11,11 +11,12 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service import ledger, metrics
-from billing_service.auth import ReaderCaller, ServiceCaller
-from billing_service.batcher import ChargeBatcher
+from billing_service import metrics
+from billing_service.edge.auth import ReaderCaller, ServiceCaller
 from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest
-from billing_service.schemas import (
+from billing_service.ledger import rules as ledger
+from billing_service.ledger.batcher import ChargeBatcher
+from billing_service.ledger.schemas import (
     AccountResponse,
     BalanceResponse,
     LedgerRequest,

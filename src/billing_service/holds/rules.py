@@ -7,7 +7,7 @@ sub-agent gets its own budget without touching the available balance again.
 
 Every operation on an existing hold runs as: lock the tree's root row, expire what is due in that tree,
 then one statement from `sql`. The root lock serialises everything that changes a tree, which is what
-makes a capture racing a release, an expiry, or a sibling's carve come out exact (see sql.py, "Holds").
+makes a capture racing a release, an expiry, or a sibling's carve come out exact (see holds/sql.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service import sql
 from billing_service.errors import (
     AccountNotFound,
     BillingError,
@@ -36,7 +35,8 @@ from billing_service.errors import (
     IdempotencyKeyReused,
     InsufficientBalance,
 )
-from billing_service.ledger import release_expired_holds, request_hash
+from billing_service.holds import sql
+from billing_service.idempotency import request_hash
 
 MAX_DEPTH = 8
 
@@ -131,6 +131,21 @@ async def _read_hold(conn: psycopg.AsyncConnection[Any], hold_id: UUID) -> Hold:
     if row is None:  # pragma: no cover - holds are never deleted
         raise HoldNotFound()
     return _hold(row)
+
+
+async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> int:
+    """Expire the user's holds whose lease ran out, giving their tokens back to available. Returns how many
+    trees were expired. Locks the expired roots (in id order) before the account row, like every hold path."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.HAS_EXPIRED_ROOTS, {"user_id": user_id})
+        if not (await cursor.fetchone() or (False,))[0]:
+            return 0
+        async with conn.transaction():
+            cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
+            root_ids = [row[0] for row in await cursor.fetchall()]
+            if root_ids:
+                await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
+    return len(root_ids)
 
 
 async def create_hold(

@@ -8,11 +8,11 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from billing_service import holds, metrics
-from billing_service.auth import AnyCaller, ReaderCaller, ServiceCaller
+from billing_service import metrics
+from billing_service.edge.auth import AnyCaller, ReaderCaller, ServiceCaller
 from billing_service.errors import ErrorBody, HoldNotFound
-from billing_service.routes import IdempotencyKey, _pool
-from billing_service.schemas import (
+from billing_service.holds import rules as holds
+from billing_service.holds.schemas import (
     CaptureRequest,
     CaptureResponse,
     ChildHoldRequest,
@@ -21,6 +21,7 @@ from billing_service.schemas import (
     HoldResponse,
     HoldTreeResponse,
 )
+from billing_service.ledger.routes import IdempotencyKey, _pool
 
 router = APIRouter(prefix="/billing/holds", tags=["holds"])
 

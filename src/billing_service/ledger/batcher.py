@@ -29,8 +29,10 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from billing_service import ledger, sql
 from billing_service.errors import AccountNotFound, BillingError, IdempotencyKeyReused, InsufficientBalance
+from billing_service.idempotency import request_hash
+from billing_service.ledger import rules as ledger
+from billing_service.ledger import sql
 
 _DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
@@ -93,9 +95,7 @@ class ChargeBatcher:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> ledger.Posted:
-        digest = ledger.request_hash(
-            "charge", user_id=user_id, amount=amount, description=description, metadata=metadata
-        )
+        digest = request_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
         item = _Charge(
             user_id, amount, description, metadata, idempotency_key, digest, asyncio.get_running_loop().create_future()
         )

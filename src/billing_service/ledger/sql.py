@@ -1,0 +1,293 @@
+"""The ledger's SQL: every statement on accounts and transactions. Nothing outside a domain's sql module writes SQL.
+
+Each write is ONE statement, and so one round trip and one transaction (the pool runs in autocommit):
+the conditional UPDATE of the account feeds the INSERT of its ledger row through a CTE, so the debit and
+its row commit together or not at all, and no balance is ever read and then written.
+"""
+
+from collections.abc import Iterable
+from typing import LiteralString
+
+# The idempotency key, if any, already used by this user. Compared with the request's hash in Python.
+EXISTING_TRANSACTION = """
+    existing AS (
+        SELECT id, balance_after, request_hash
+        FROM transactions
+        WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
+    )"""
+
+LEDGER_ROW_COLUMNS = "user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash"
+
+# Debit: the WHERE clause is the whole overdraft guard. Under READ COMMITTED a concurrent debit of the same
+# row makes this one wait for the row lock, then re-check `balance >= amount` against the committed row
+# (EvalPlanQual), so two debits can never both pass on the same funds. The CHECK constraint backs it up.
+# A concurrent duplicate of the same Idempotency-Key passes NOT EXISTS (both saw no key), but the second
+# INSERT then hits transactions_idempotency_key_unique and the whole statement rolls back: no double charge.
+CHARGE: LiteralString = f"""
+WITH {EXISTING_TRANSACTION},
+debited AS (
+    UPDATE accounts
+    SET balance = balance - %(amount)s, last_seq = last_seq + 1, updated_at = now()
+    WHERE user_id = %(user_id)s
+      -- Draws on available, not balance: tokens held for running agents are not for plain charges.
+      AND balance - held >= %(amount)s
+      AND NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING user_id, balance, last_seq
+),
+inserted AS (
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
+    SELECT user_id, last_seq, 'debit', -%(amount)s, balance, %(description)s, %(metadata)s,
+           %(idempotency_key)s, %(request_hash)s
+    FROM debited
+    RETURNING id, balance_after
+)
+SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
+            WHEN i.id IS NOT NULL THEN 'applied'
+            WHEN a.user_id IS NULL THEN 'account_not_found'
+            ELSE 'insufficient_balance' END AS outcome,
+       coalesce(e.id, i.id) AS transaction_id,
+       coalesce(e.balance_after, i.balance_after, a.balance - a.held) AS balance,
+       e.request_hash
+FROM (VALUES (1)) AS one
+LEFT JOIN existing e ON true
+LEFT JOIN inserted i ON true
+LEFT JOIN accounts a ON a.user_id = %(user_id)s
+"""
+
+# Credit: opens the account on first use. ON CONFLICT takes the row lock, so credits serialise like debits.
+CREDIT: LiteralString = f"""
+WITH {EXISTING_TRANSACTION},
+credited AS (
+    INSERT INTO accounts AS a (user_id, balance, last_seq)
+    SELECT %(user_id)s, %(amount)s, 1
+    WHERE NOT EXISTS (SELECT 1 FROM existing)
+    ON CONFLICT (user_id) DO UPDATE
+    SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now()
+    RETURNING user_id, balance, last_seq
+),
+inserted AS (
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
+    SELECT user_id, last_seq, 'credit', %(amount)s, balance, %(description)s, %(metadata)s,
+           %(idempotency_key)s, %(request_hash)s
+    FROM credited
+    RETURNING id, balance_after
+)
+SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' ELSE 'applied' END AS outcome,
+       coalesce(e.id, i.id) AS transaction_id,
+       coalesce(e.balance_after, i.balance_after) AS balance,
+       e.request_hash
+FROM (VALUES (1)) AS one
+LEFT JOIN existing e ON true
+LEFT JOIN inserted i ON true
+"""
+
+# After a unique violation on the key: the concurrent twin committed first, so its row is now visible.
+IDEMPOTENT_REPLAY: LiteralString = """
+SELECT id, balance_after, request_hash
+FROM transactions
+WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
+"""
+
+OPEN_ACCOUNT: LiteralString = """
+INSERT INTO accounts (user_id, open_idempotency_key)
+VALUES (%(user_id)s, %(idempotency_key)s)
+ON CONFLICT (user_id) DO NOTHING
+RETURNING balance
+"""
+
+ACCOUNT: LiteralString = """
+SELECT balance, open_idempotency_key FROM accounts WHERE user_id = %(user_id)s
+"""
+
+BALANCE: LiteralString = """
+SELECT balance FROM accounts WHERE user_id = %(user_id)s
+"""
+
+# History rows are rendered to JSON by PostgreSQL: the full history streams as text with no Python
+# object per row, and the paged and streamed forms render each row identically.
+_HISTORY_ROW = """
+SELECT seq, json_build_object(
+    'id', id, 'user_id', user_id, 'amount', amount, 'description', description,
+    'created_at', created_at, 'type', type, 'balance_after', balance_after, 'metadata', metadata,
+    'hold_id', hold_id
+)::text
+FROM transactions
+"""
+
+# Keyset pagination on (user_id, seq): seq is per-account and assigned under the row lock, so a page
+# boundary never moves when new rows arrive (they only ever get a larger seq).
+HISTORY_PAGE: LiteralString = f"""
+{_HISTORY_ROW}
+WHERE user_id = %(user_id)s AND seq < %(before_seq)s
+ORDER BY seq DESC
+LIMIT %(limit)s
+"""
+
+HISTORY_ALL: LiteralString = f"""
+{_HISTORY_ROW}
+WHERE user_id = %(user_id)s
+ORDER BY seq DESC
+"""
+
+# The audit walks the ledger in (user_id, seq) order, the primary key's order, so it streams in bounded
+# memory. A row's chain is broken when balance_after - amount is not the previous row's balance_after.
+AUDIT: LiteralString = """
+WITH chain AS (
+    SELECT user_id, seq, amount, balance_after,
+           lag(balance_after, 1, 0::bigint) OVER w AS previous_balance_after,
+           lag(seq, 1, 0::bigint) OVER w AS previous_seq
+    FROM transactions
+    WINDOW w AS (PARTITION BY user_id ORDER BY seq)
+),
+ledger AS (
+    SELECT user_id,
+           sum(amount) AS ledger_sum,
+           count(*) FILTER (WHERE balance_after - amount <> previous_balance_after) AS broken_links,
+           count(*) FILTER (WHERE seq <> previous_seq + 1) AS seq_gaps,
+           max(seq) AS last_seq
+    FROM chain
+    GROUP BY user_id
+)
+SELECT a.user_id, a.balance, coalesce(l.ledger_sum, 0) AS ledger_sum,
+       coalesce(l.broken_links, 0) AS broken_links, coalesce(l.seq_gaps, 0) AS seq_gaps
+FROM accounts a
+LEFT JOIN ledger l USING (user_id)
+WHERE a.balance <> coalesce(l.ledger_sum, 0)
+   OR coalesce(l.broken_links, 0) > 0
+   OR coalesce(l.seq_gaps, 0) > 0
+   OR a.last_seq <> coalesce(l.last_seq, 0)
+ORDER BY a.user_id
+"""
+
+COUNT_ACCOUNTS: LiteralString = "SELECT count(*) FROM accounts"
+
+PING: LiteralString = "SELECT 1"
+
+
+# Exact even with no sweeper: `held` minus what active roots past their expiry (and so their whole trees)
+# still reserve. One statement, one snapshot.
+BALANCE_WITH_HOLDS: LiteralString = """
+SELECT a.balance,
+       a.held - coalesce((
+           SELECT sum(h.remaining)
+           FROM holds r
+           JOIN holds h ON h.user_id = r.user_id AND h.root_id = r.id AND h.status = 'active'
+           WHERE r.user_id = a.user_id AND r.parent_id IS NULL AND r.status = 'active'
+             AND r.expires_at <= statement_timestamp()
+       ), 0) AS held
+FROM accounts a
+WHERE a.user_id = %(user_id)s
+"""
+
+# created_at is clock_timestamp() taken under the account row lock, so it rises with seq: the last row at
+# or before T carries the balance at T. One backward step of transactions_user_created_at.
+BALANCE_AT: LiteralString = """
+SELECT coalesce((
+    SELECT t.balance_after FROM transactions t
+    WHERE t.user_id = a.user_id AND t.created_at <= %(at)s
+    ORDER BY t.created_at DESC, t.seq DESC
+    LIMIT 1
+), 0)
+FROM accounts a
+WHERE a.user_id = %(user_id)s
+"""
+
+# Spend (debits and captures) per group, rendered to JSON by PostgreSQL. Token counts are summed only where
+# the metadata holds a JSON number, so no stored metadata can make the rollup fail.
+_USAGE = """
+SELECT json_build_object(
+    'group', {group_key},
+    'tokens', sum(-t.amount),
+    'transactions', count(*),
+    'input_tokens', sum(CASE WHEN jsonb_typeof(t.metadata -> 'input_tokens') = 'number'
+                             THEN (t.metadata ->> 'input_tokens')::numeric END),
+    'output_tokens', sum(CASE WHEN jsonb_typeof(t.metadata -> 'output_tokens') = 'number'
+                              THEN (t.metadata ->> 'output_tokens')::numeric END),
+    'cached_tokens', sum(CASE WHEN jsonb_typeof(t.metadata -> 'cached_tokens') = 'number'
+                              THEN (t.metadata ->> 'cached_tokens')::numeric END),
+    'first_at', min(t.created_at),
+    'last_at', max(t.created_at)
+)::text
+FROM transactions t
+WHERE t.user_id = %(user_id)s AND t.type IN ('debit', 'capture')
+  AND t.created_at >= %(since)s AND t.created_at < %(until)s
+GROUP BY {group_key}
+ORDER BY {group_key} NULLS FIRST
+"""
+
+USAGE_GROUP_KEYS: dict[str, LiteralString] = {
+    "run_id": "t.metadata ->> 'run_id'",
+    "model": "t.metadata ->> 'model'",
+    "day": "to_char(t.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+
+
+def usage(group_by: str) -> LiteralString:
+    return _USAGE.replace("{group_key}", USAGE_GROUP_KEYS[group_by])
+
+
+# History filters, each served by an index: run_id by transactions_user_run_id, since/until by
+# transactions_user_created_at. Appended to the WHERE of HISTORY_PAGE / HISTORY_ALL.
+HISTORY_FILTERS: dict[str, LiteralString] = {
+    "run_id": " AND metadata ->> 'run_id' = %(run_id)s",
+    "type": " AND type = %(type)s",
+    "since": " AND created_at >= %(since)s",
+    "until": " AND created_at < %(until)s",
+}
+
+
+def filtered_history(base: LiteralString, filters: Iterable[str]) -> LiteralString:
+    """HISTORY_PAGE or HISTORY_ALL with the named filters added to its WHERE clause."""
+    where: LiteralString = "".join(HISTORY_FILTERS[name] for name in sorted(filters))
+    return base.replace("ORDER BY", where + "\nORDER BY")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched charges (batcher.py): one transaction for many charges, decided in Python under the row locks.
+
+# Sorted, so every batch takes its locks in the same order and two batches can never deadlock.
+BATCH_LOCK_ACCOUNTS: LiteralString = """
+SELECT user_id, balance, held, last_seq
+FROM accounts
+WHERE user_id = ANY(%(user_ids)s)
+ORDER BY user_id
+FOR UPDATE
+"""
+
+# A separate statement after the locks, so its snapshot sees keys committed by whoever held them before us.
+BATCH_EXISTING_KEYS: LiteralString = """
+SELECT t.user_id, t.idempotency_key, t.id, t.balance_after, t.request_hash
+FROM unnest(%(user_ids)s::uuid[], %(idempotency_keys)s::text[]) AS k(user_id, idempotency_key)
+JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key
+"""
+
+# The plan was computed from the locked rows, so setting the final balance and seq is exact; the CHECK
+# constraints and `billing audit` would catch a plan that broke the chain.
+BATCH_APPLY: LiteralString = """
+WITH planned AS (
+    SELECT *
+    FROM unnest(%(user_ids)s::uuid[], %(seqs)s::bigint[], %(amounts)s::bigint[], %(balances_after)s::bigint[],
+                %(descriptions)s::text[], %(metadata)s::text[], %(idempotency_keys)s::text[],
+                %(request_hashes)s::bytea[])
+         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash)
+),
+inserted AS (
+    INSERT INTO transactions
+        (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash)
+    SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata::jsonb, idempotency_key,
+           request_hash
+    FROM planned
+    ORDER BY user_id, seq
+    RETURNING user_id, seq, id
+),
+newest AS (
+    SELECT DISTINCT ON (user_id) user_id, seq, balance_after FROM planned ORDER BY user_id, seq DESC
+),
+updated AS (
+    UPDATE accounts a
+    SET balance = n.balance_after, last_seq = n.seq, updated_at = now()
+    FROM newest n
+    WHERE a.user_id = n.user_id
+)
+SELECT user_id, seq, id FROM inserted
+"""

@@ -1,4 +1,4 @@
-"""The ASGI application: middleware, routes, error handlers, and the pool's lifetime."""
+"""The ASGI application: the edge in front of FastAPI, the domains' routers, and the pool's lifetime."""
 
 from __future__ import annotations
 
@@ -7,61 +7,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_service import db, metrics
-from billing_service.edge.auth import AuthenticationMiddleware
-from billing_service.edge.telemetry import RequestTelemetryMiddleware
+from billing_service.edge.layer import Edge
 from billing_service.edge.telemetry import router as metrics_router
-from billing_service.errors import PayloadTooLarge, error_response, install_error_handlers
+from billing_service.errors import install_error_handlers
+from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
+from billing_service.ledger.routes import fast_routes as ledger_fast_routes
 from billing_service.ledger.routes import health, router
 from billing_service.logs import configure_logging
 from billing_service.settings import Settings, get_settings
 
 
-class RequestGuardMiddleware:
-    """Refuses what no route should parse: bodies over the limit (413, at once from Content-Length, or as
-    soon as a chunked body passes it) and writes whose declared Content-Type is not JSON (415)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                too_large = PayloadTooLarge(f"Bodies are limited to {self.max_bytes} bytes.")
-                await error_response(413, too_large.detail, too_large.code)(scope, receive, send)
-                return
-            if name == b"content-type" and scope["method"] in ("POST", "PUT", "PATCH"):
-                media_type = value.split(b";")[0].strip().lower()
-                if media_type != b"application/json" and not media_type.endswith(b"+json"):
-                    detail = "Send the body as JSON (Content-Type: application/json)."
-                    await error_response(415, detail, "unsupported_media_type")(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # FastAPI turns any other exception raised while it reads the body into a 400; an
-                    # HTTPException passes through to the handler, which answers 413 payload_too_large.
-                    raise StarletteHTTPException(413, f"Bodies are limited to {self.max_bytes} bytes.")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> Edge:
+    """The ASGI application a server runs: the edge, in front of FastAPI and the domains' routers."""
     settings = settings or get_settings()
     configure_logging(
         log_format=settings.log_format or ("console" if settings.embedded else "json"),
@@ -106,9 +67,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router)
     app.state.settings = settings
     install_error_handlers(app)
-    # add_middleware wraps: the last added runs first. Authenticate first (fail closed), then guard the body.
-    app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthenticationMiddleware, settings=settings)
-    # Outermost: even a request refused by authentication gets a request id, a log line and a metric.
-    app.add_middleware(RequestTelemetryMiddleware, access_log=settings.access_log)
-    return app
+    return Edge(app, settings, [*ledger_fast_routes, *holds_fast_routes])

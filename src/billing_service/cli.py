@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import typer
@@ -84,10 +84,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    server: Annotated[
+        Literal["granian", "uvicorn"], typer.Option(help="The HTTP server; both run the same ASGI app.")
+    ] = "granian",
 ) -> None:
     """Apply migrations (under an advisory lock), then serve the API."""
-    import uvicorn
-
     settings = get_settings()
     if not settings.embedded and not settings.service_tokens:
         raise _fail(
@@ -132,20 +133,53 @@ def serve(
         log_format=settings.log_format or "json", level=settings.log_level, secrets=settings.secret_values()
     )
     try:
-        uvicorn.run(
-            "billing_service.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_config=None,  # the app routes uvicorn's records through structlog (billing_service.logs)
-            log_level=settings.log_level,
-            access_log=False,  # the telemetry middleware logs each request, with its request id
-            timeout_keep_alive=5,
-        )
+        (_serve_granian if server == "granian" else _serve_uvicorn)(host, port, workers, settings.log_level)
     finally:
         if made_metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+APP = "billing_service.app:create_app"
+
+
+def _serve_granian(host: str, port: int, workers: int, log_level: str) -> None:
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    Server(
+        APP,
+        factory=True,
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,
+        loop=Loops.uvloop,
+        log_level=LogLevels(log_level),
+        log_dictconfig={"version": 1, "disable_existing_loggers": False},  # ours: billing_service.logs
+        log_access=False,  # the edge logs each request, with its request id
+        # A worker killed by the OS (OOM, kill -9) is replaced at once; its in-flight requests were not
+        # acknowledged, and their retries with the same Idempotency-Key are safe.
+        respawn_failed_workers=True,
+        respawn_interval=0.1,
+        workers_kill_timeout=30,
+    ).serve()
+
+
+def _serve_uvicorn(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        APP,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,  # the app routes uvicorn's records through structlog (billing_service.logs)
+        log_level=log_level,
+        access_log=False,  # the edge logs each request, with its request id
+        timeout_keep_alive=5,
+    )
 
 
 def _prepare_metrics_dir() -> tuple[Path, bool]:

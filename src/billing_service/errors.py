@@ -160,6 +160,19 @@ class ErrorBody(BaseModel):
     code: str
 
 
+# Connection refused, connection lost, pool exhausted, statement timeout: all retryable, all 503.
+DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def as_billing_error(exc: Exception) -> BillingError | None:
+    """The client-facing error an exception means, or None for a bug (500)."""
+    if isinstance(exc, BillingError):
+        return exc
+    if isinstance(exc, DATABASE_DOWN):
+        return DatabaseUnavailable()
+    return None
+
+
 def error_response(status_code: int, detail: str, code: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
 
@@ -201,7 +214,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(psycopg.InterfaceError)
     @app.exception_handler(PoolTimeout)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
-        # Connection refused, connection lost, pool exhausted, statement timeout: all retryable.
         unavailable = DatabaseUnavailable()
         return error_response(unavailable.status_code, unavailable.detail, unavailable.code, unavailable.headers())
 

@@ -2,15 +2,20 @@
 
 JSON lines by default, a human console format with BILLING_LOG_FORMAT=console (the default when the
 database is embedded). Every line logged while a request is served carries its `request_id` (bound by
-`observability.RequestTelemetryMiddleware` in structlog's contextvars). Bearer tokens, JWTs and the
-configured service tokens are scrubbed from every line, whoever logged it.
+the edge in structlog's contextvars). The access line, one per request, skips structlog altogether: it is
+rendered by `AccessLog` with one f-string and written with one system call, a few microseconds. Bearer
+tokens, JWTs and the configured service tokens are scrubbed from every line, whoever logged it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
 import re
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,8 +50,13 @@ class _Redact:
         return event_dict
 
 
+_redactor = _Redact(())
+
+
 def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     """Route structlog, stdlib and uvicorn logging to stderr through one renderer. Idempotent."""
+    global _redactor
+    _redactor = _Redact(secrets)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -58,7 +68,7 @@ def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable
     else:
         renderer = structlog.processors.JSONRenderer()
     # Last before rendering, so tracebacks and foreign messages are scrubbed too.
-    finish: list[Processor] = [structlog.processors.format_exc_info, _Redact(secrets), renderer]
+    finish: list[Processor] = [structlog.processors.format_exc_info, _redactor, renderer]
     # Our own lines (the access line on every request) skip the stdlib machinery: rendered and written
     # directly, which costs a fraction of a LogRecord's round trip through logging.
     structlog.configure(
@@ -76,15 +86,16 @@ def configure_logging(*, log_format: str, level: str = "INFO", secrets: Iterable
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi", "_granian", "granian"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
         uvicorn_logger.setLevel(logging.NOTSET)
-    # Silenced: the telemetry middleware writes the one access line per request, with its request id.
-    uvicorn_access = logging.getLogger("uvicorn.access")
-    uvicorn_access.handlers.clear()
-    uvicorn_access.propagate = False
+    # Silenced: the edge writes the one access line per request, with its request id.
+    for name in ("uvicorn.access", "granian.access"):
+        server_access = logging.getLogger(name)
+        server_access.handlers.clear()
+        server_access.propagate = False
 
 
 def get_logger(name: str) -> Any:
@@ -95,3 +106,44 @@ def get_logger(name: str) -> Any:
 def _name_the_logger(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     event_dict["logger"] = event_dict.pop("logger_name", "billing_service")
     return event_dict
+
+
+class AccessLog:
+    """The access line: the same fields and format as a structlog line, at a fraction of its cost.
+
+    `sample` < 1 keeps that share of the 2xx/3xx lines under load; a 4xx or 5xx is always written.
+    """
+
+    def __init__(self, *, log_format: str, sample: float = 1.0) -> None:
+        self.console = log_format == "console"
+        self.sample = sample
+        self._second = -1
+        self._prefix = ""
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a request
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def write(self, *, request_id: str, method: str, path: str, route: str, status: int, duration_ms: float) -> None:
+        if status < 400 and self.sample < 1.0 and random.random() >= self.sample:
+            return
+        # The request id is already restricted to safe characters; the path is the client's, so escape it,
+        # and scrub it like any other logged string.
+        path = _redactor.scrub(path)
+        timestamp = self._timestamp()
+        if self.console:
+            line = (
+                f"{timestamp} [info     ] request                        duration_ms={duration_ms} method={method} "
+                f"path={path} request_id={request_id} route={route} status={status} "
+                "logger=billing_service.access\n"
+            )
+        else:
+            line = (
+                f'{{"method":"{method}","path":{json.dumps(path)},"route":"{route}","status":{status},'
+                f'"duration_ms":{duration_ms},"request_id":"{request_id}","event":"request","level":"info",'
+                f'"logger":"billing_service.access","timestamp":"{timestamp}"}}\n'
+            )
+        os.write(2, line.encode())

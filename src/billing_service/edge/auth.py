@@ -1,8 +1,9 @@
 """Who is calling: a service (bearer token from BILLING_SERVICE_TOKENS) or a user (HS256 JWT).
 
-Authentication runs as middleware, before the body is read, so a request without valid credentials gets
-401 whatever else is wrong with it. Authorisation (403) is a per-route dependency: writes take services
-only; reads take a service or the user whose id is in the path.
+Authentication runs in the edge (`edge.layer`), before the body is read, so a request without valid
+credentials gets 401 whatever else is wrong with it. Authorisation (403): writes take services only; reads
+take a service or the user whose id is in the path. The fast lane calls `authorize_*` directly; FastAPI
+routes get the same checks as dependencies.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from uuid import UUID
 import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from billing_service.errors import BillingError, Forbidden, Unauthorized, error_response
+from billing_service.errors import Forbidden, Unauthorized
 from billing_service.settings import Settings
 
 
@@ -60,31 +60,7 @@ def authenticate(authorization: str | None, settings: Settings) -> Caller:
         raise Unauthorized("The token is not valid.", code="invalid_token") from exc
 
 
-class AuthenticationMiddleware:
-    """Authenticates every /billing request before its body is read; stores the Caller in scope state."""
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/billing"):
-            authorization = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                    break
-            try:
-                caller = authenticate(authorization, self.settings)
-            except BillingError as exc:
-                response = error_response(exc.status_code, exc.detail, exc.code, exc.headers())
-                await response(scope, receive, send)
-                return
-            scope.setdefault("state", {})["caller"] = caller
-        await self.app(scope, receive, send)
-
-
-# Documents the scheme in OpenAPI; the middleware has already done the checking.
+# Documents the scheme in OpenAPI; the edge has already done the checking.
 _bearer = HTTPBearer(auto_error=False, description="A service token, or a user JWT (HS256) for reads.")
 
 
@@ -92,21 +68,29 @@ _bearer = HTTPBearer(auto_error=False, description="A service token, or a user J
 # hand-off cost more than the whole database round trip of a balance read (py-spy, docs/performance.md).
 async def _caller(request: Request, _: Annotated[object, Depends(_bearer)]) -> Caller:
     caller = getattr(request.state, "caller", None)
-    if caller is None:  # the middleware did not run: fail closed
+    if caller is None:  # the edge did not authenticate this request: fail closed
         raise Unauthorized()
     assert isinstance(caller, Caller)
     return caller
 
 
-async def require_service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+def authorize_service(caller: Caller) -> None:
     if not caller.service:
         raise Forbidden("Only services may write to the ledger.")
+
+
+def authorize_reader(caller: Caller, user_id: UUID) -> None:
+    if not caller.service and caller.user_id != user_id:
+        raise Forbidden("A user may read only their own account.")
+
+
+async def require_service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    authorize_service(caller)
     return caller
 
 
 async def require_reader(user_id: UUID, caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if not caller.service and caller.user_id != user_id:
-        raise Forbidden("A user may read only their own account.")
+    authorize_reader(caller, user_id)
     return caller
 
 

@@ -26,15 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from billing_service.errors import AccountNotFound, BillingError, IdempotencyKeyReused, InsufficientBalance
+from billing_service.errors import (
+    DATABASE_DOWN,
+    AccountNotFound,
+    BillingError,
+    IdempotencyKeyReused,
+    InsufficientBalance,
+)
 from billing_service.idempotency import request_hash
 from billing_service.ledger import rules as ledger
 from billing_service.ledger import sql
-
-_DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
 @dataclass
@@ -120,7 +123,7 @@ class ChargeBatcher:
         del self.stats.sizes[:-1000]
         try:
             outcomes = await self._apply(batch)
-        except _DATABASE_DOWN as exc:
+        except DATABASE_DOWN as exc:
             for item in batch:
                 _resolve(item, exc)
             return

@@ -1,4 +1,8 @@
-"""HTTP routes: parse, authorise, call the ledger, shape the response. No rules and no SQL here."""
+"""HTTP routes of the ledger: parse, authorise, call the rules, shape the response. No rules and no SQL here.
+
+Charge, credit and balance are hot: their work is a plain function (`charge`, `credit`, `balance`) that the
+edge's fast lane calls directly (`fast_routes`), and that the FastAPI route of the same path also calls.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from billing_service import metrics
 from billing_service.edge.auth import ReaderCaller, ServiceCaller
+from billing_service.edge.codec import Answer
+from billing_service.edge.fast_lane import FastRoute
 from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest
 from billing_service.ledger import rules as ledger
 from billing_service.ledger.batcher import ChargeBatcher
@@ -62,21 +68,23 @@ def _pool(request: Request) -> AsyncConnectionPool:
     return pool
 
 
-def _posted(posted: ledger.Posted) -> JSONResponse:
-    body = {"status": "success", "transaction_id": str(posted.transaction_id), "balance": posted.balance}
-    headers = {"Idempotent-Replayed": "true"} if posted.replayed else None
-    return JSONResponse(body, headers=headers)
+# The hot routes' work, shared by the FastAPI route (docs, and any request the fast lane hands over) and the
+# fast lane (edge/fast_lane.py): one implementation, two ways in.
 
 
-@router.post("/charge-tokens", response_model=PostedResponse, responses=_errors(402, 409, 413, 415))
-async def charge_tokens(
-    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
-    """Debit tokens. Atomic: the balance never goes below 0, whatever the concurrency."""
-    batcher: ChargeBatcher | None = request.app.state.batcher
-    charge = batcher.charge if batcher is not None else partial(ledger.charge, _pool(request))
+def _posted(posted: ledger.Posted) -> Answer:
+    body = b'{"status":"success","transaction_id":"%s","balance":%d}' % (
+        str(posted.transaction_id).encode(),
+        posted.balance,
+    )
+    return Answer(200, body, posted.replayed)
+
+
+async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None) -> Answer:
+    batcher: ChargeBatcher | None = state.batcher
+    post = batcher.charge if batcher is not None else partial(ledger.charge, state.pool)
     try:
-        posted = await charge(
+        posted = await post(
             user_id=body.user_id,
             amount=body.amount,
             description=body.description,
@@ -90,13 +98,9 @@ async def charge_tokens(
     return _posted(posted)
 
 
-@router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413, 415))
-async def credit_tokens(
-    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
-    """Credit tokens, opening the account if it does not exist yet."""
+async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None) -> Answer:
     posted = await ledger.credit(
-        _pool(request),
+        state.pool,
         user_id=body.user_id,
         amount=body.amount,
         description=body.description,
@@ -105,6 +109,40 @@ async def credit_tokens(
     )
     metrics.record_credit(body.amount, replayed=posted.replayed)
     return _posted(posted)
+
+
+async def balance(state: Any, user_id: UUID, _: None, __: str | None) -> Answer:
+    current = await ledger.balance_with_holds(state.pool, user_id=user_id)
+    body = b'{"user_id":"%s","balance":%d,"held":%d,"available":%d}' % (
+        str(user_id).encode(),
+        current.balance,
+        current.held,
+        current.available,
+    )
+    return Answer(200, body)
+
+
+fast_routes = [
+    FastRoute("POST", "/billing/charge-tokens", "service", charge, LedgerRequest),
+    FastRoute("POST", "/billing/credit-tokens", "service", credit, LedgerRequest),
+    FastRoute("GET", "/billing/balance/{user_id}", "reader", balance),
+]
+
+
+@router.post("/charge-tokens", response_model=PostedResponse, responses=_errors(402, 409, 413, 415))
+async def charge_tokens(
+    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Debit tokens. Atomic: the balance never goes below 0, whatever the concurrency."""
+    return (await charge(request.app.state, None, body, idempotency_key)).response()
+
+
+@router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413, 415))
+async def credit_tokens(
+    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Credit tokens, opening the account if it does not exist yet."""
+    return (await credit(request.app.state, None, body, idempotency_key)).response()
 
 
 @router.post(
@@ -138,15 +176,14 @@ async def get_balance(
     at: Annotated[
         datetime | None, Query(description="RFC 3339 time with offset: the posted balance at that moment.")
     ] = None,
-) -> BalanceResponse:
+) -> BalanceResponse | Response:
     """The posted balance, what active holds reserve, and what is available; or, with `at`, the past balance."""
-    if at is not None:
-        if at.tzinfo is None:
-            raise InvalidRequest("at: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
-        posted = await ledger.balance_at(_pool(request), user_id=user_id, at=at)
-        return BalanceResponse(user_id=user_id, balance=posted, at=at)
-    current = await ledger.balance_with_holds(_pool(request), user_id=user_id)
-    return BalanceResponse(user_id=user_id, balance=current.balance, held=current.held, available=current.available)
+    if at is None:
+        return (await balance(request.app.state, user_id, None, None)).response()
+    if at.tzinfo is None:
+        raise InvalidRequest("at: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
+    posted = await ledger.balance_at(_pool(request), user_id=user_id, at=at)
+    return BalanceResponse(user_id=user_id, balance=posted, at=at)
 
 
 @router.get("/usage/{user_id}", response_model=UsageResponse, responses=_errors(404))

@@ -71,14 +71,19 @@ async def _post(
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
 ) -> tuple[str, Posted]:
-    digest = request_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+    # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
+    digest = (
+        request_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+        if idempotency_key is not None
+        else None
+    )
     params = {
         "user_id": user_id,
         "amount": amount,
         "description": description,
         "metadata": Jsonb(metadata) if metadata is not None else None,
         "idempotency_key": idempotency_key,
-        "request_hash": digest if idempotency_key is not None else None,
+        "request_hash": digest,
     }
     async with pool.connection() as conn:
         try:

@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Edge:
             yield
         finally:
             pool_sampler.cancel()
+            app.state.http_metrics.flush()
             metrics.worker_exiting()
             if app.state.batcher is not None:
                 await app.state.batcher.close()

@@ -20,6 +20,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_LOG_LEVEL          | root log level: debug, info, warning, error (info)                    |
 | BILLING_ACCESS_LOG         | one log line per request, with its request id (true)                  |
 | BILLING_ACCESS_LOG_SAMPLE  | share of 2xx/3xx access lines kept (1.0); 4xx and 5xx always logged   |
+| BILLING_FAST_LANE          | serve charge/credit/balance/capture without the framework (true)      |
 | BILLING_METRICS_TOKEN      | if set, GET /metrics needs `Authorization: Bearer <it>`; unset: open  |
 | PROMETHEUS_MULTIPROC_DIR   | where workers share metric samples; `billing serve` makes a fresh one |
 """
@@ -51,6 +52,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access_log: bool = True
     access_log_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    fast_lane: bool = True
     metrics_token: SecretStr | None = None
     batch_charges: bool = False
     batch_max_size: int = Field(default=256, ge=1, le=10_000)

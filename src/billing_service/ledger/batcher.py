@@ -35,7 +35,7 @@ from billing_service.errors import (
     IdempotencyKeyReused,
     InsufficientBalance,
 )
-from billing_service.idempotency import request_hash
+from billing_service.idempotency import posting_hash
 from billing_service.ledger import rules as ledger
 from billing_service.ledger import sql
 
@@ -98,7 +98,7 @@ class ChargeBatcher:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> ledger.Posted:
-        digest = request_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
+        digest = posting_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
         item = _Charge(
             user_id, amount, description, metadata, idempotency_key, digest, asyncio.get_running_loop().create_future()
         )

@@ -29,7 +29,7 @@ from billing_service.errors import (
     InvalidRequest,
 )
 from billing_service.holds.rules import release_expired_holds
-from billing_service.idempotency import request_hash
+from billing_service.idempotency import posting_hash
 from billing_service.ledger import sql
 
 HISTORY_STREAM_BATCH = 2000
@@ -73,7 +73,7 @@ async def _post(
 ) -> tuple[str, Posted]:
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
     digest = (
-        request_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+        posting_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
         if idempotency_key is not None
         else None
     )

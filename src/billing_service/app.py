@@ -12,6 +12,7 @@ from billing_service import db, metrics
 from billing_service.edge.layer import Edge
 from billing_service.edge.telemetry import router as metrics_router
 from billing_service.errors import install_error_handlers
+from billing_service.events import config as events_config
 from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
@@ -24,6 +25,7 @@ from billing_service.settings import Settings, get_settings
 def create_app(settings: Settings | None = None) -> Edge:
     """The ASGI application a server runs: the edge, in front of FastAPI and the domains' routers."""
     settings = settings or get_settings()
+    events_config.configure(settings)
     configure_logging(
         log_format=settings.log_format or ("console" if settings.embedded else "json"),
         level=settings.log_level,

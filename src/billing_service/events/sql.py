@@ -103,7 +103,189 @@ WITH flipped AS (
 )
 INSERT INTO events (user_id, seq, type, data)
 SELECT user_id, last_event_seq, 'balance.depleted', json_build_object(
-    'user_id', user_id, 'operation', %(operation)s, 'requested', %(amount)s,
+    'user_id', user_id, 'operation', %(operation)s::text, 'requested', %(amount)s::bigint,
     'available', balance - held, 'balance', balance, 'held', held)
 FROM flipped
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The feed. A bigserial (or a UUIDv7) is assigned at insert, not at commit: a tailing reader could pass an
+# event whose transaction commits late. So each event carries its transaction's id (txid) and the feed only
+# serves events whose transaction is older than every transaction still running (the snapshot's xmin):
+# those have all committed or aborted, so no event can ever appear behind a cursor in (txid, user_id, seq).
+
+_FEED_ROW: LiteralString = """
+SELECT txid::text, user_id, seq, json_build_object(
+    'id', id, 'type', type, 'user_id', user_id, 'seq', seq, 'created_at', created_at, 'data', data)::text
+FROM events
+WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND (txid, user_id, seq) > (%(after_txid)s::text::xid8, %(after_user_id)s::uuid, %(after_seq)s::bigint)
+"""
+
+FEED_FILTERS: dict[str, LiteralString] = {
+    "user_id": " AND user_id = %(user_id)s",
+    "type": " AND type = %(type)s",
+}
+
+
+def feed(filters: list[str]) -> LiteralString:
+    where: LiteralString = "".join(FEED_FILTERS[name] for name in sorted(filters))
+    return _FEED_ROW + where + "\nORDER BY txid, user_id, seq\nLIMIT %(limit)s"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Webhooks.
+
+_WEBHOOK_VIEW: LiteralString = "id, url, events, description, created_at, updated_at, previous_secret_expires_at"
+
+WEBHOOK_CREATE: LiteralString = f"""
+INSERT INTO webhooks (url, events, description, secret)
+VALUES (%(url)s, %(events)s, %(description)s, %(secret)s)
+RETURNING {_WEBHOOK_VIEW}, secret
+"""
+
+WEBHOOK: LiteralString = f"SELECT {_WEBHOOK_VIEW}, NULL::text FROM webhooks WHERE id = %(webhook_id)s"
+
+WEBHOOKS: LiteralString = f"SELECT {_WEBHOOK_VIEW}, NULL::text FROM webhooks ORDER BY id"
+
+WEBHOOK_DELETE: LiteralString = "DELETE FROM webhooks WHERE id = %(webhook_id)s RETURNING id"
+
+# The old secret keeps signing (next to the new one) for the grace period, so receivers can switch over.
+WEBHOOK_ROTATE: LiteralString = f"""
+UPDATE webhooks
+SET previous_secret = secret, previous_secret_expires_at = now() + make_interval(secs => %(grace_seconds)s),
+    secret = %(secret)s, updated_at = now()
+WHERE id = %(webhook_id)s
+RETURNING {_WEBHOOK_VIEW}, secret
+"""
+
+# Replays make each chosen event's delivery pending again, with a fresh retry schedule (schedule_start).
+_REPLAY: LiteralString = """
+WITH hook AS (SELECT id, events FROM webhooks WHERE id = %(webhook_id)s),
+chosen AS (
+    SELECT e.user_id, e.seq, e.id, e.type
+    FROM events e CROSS JOIN hook h
+    WHERE (e.type = ANY(h.events) OR '*' = ANY(h.events)) AND {condition}
+),
+upserted AS (
+    INSERT INTO deliveries (user_id, webhook_id, event_seq, event_id, event_type)
+    SELECT c.user_id, %(webhook_id)s, c.seq, c.id, c.type FROM chosen c
+    ON CONFLICT (user_id, webhook_id, event_seq) DO UPDATE
+    SET status = 'pending', schedule_start = deliveries.attempts, next_attempt_at = now(), updated_at = now()
+    RETURNING 1
+)
+SELECT count(*) FROM upserted
+"""
+# UUIDv7 ids rise with time: the id range narrows the scan to the events_id index; created_at makes it exact.
+REPLAY_RANGE: LiteralString = _REPLAY.replace(
+    "{condition}",
+    "e.id >= %(id_low)s AND e.id < %(id_high)s AND e.created_at >= %(since)s AND e.created_at < %(until)s",
+)
+REPLAY_IDS: LiteralString = _REPLAY.replace("{condition}", "e.id = ANY(%(event_ids)s::uuid[])")
+
+WAKE_DISPATCHER: LiteralString = "SELECT pg_notify('billing_dispatcher', 'wake')"
+
+# The delivery log, newest first: each delivery with its attempts.
+DELIVERIES: LiteralString = """
+SELECT d.id, json_build_object(
+    'id', d.id, 'event_id', d.event_id, 'event_type', d.event_type, 'user_id', d.user_id,
+    'event_seq', d.event_seq, 'status', d.status, 'attempts', d.attempts,
+    'next_attempt_at', CASE WHEN d.status = 'pending' THEN d.next_attempt_at END,
+    'last_status_code', d.last_status_code, 'last_error', d.last_error, 'last_latency_ms', d.last_latency_ms,
+    'created_at', d.created_at, 'updated_at', d.updated_at,
+    'attempt_log', (
+        SELECT coalesce(json_agg(json_build_object(
+            'attempt', a.attempt, 'at', a.attempted_at, 'status_code', a.status_code, 'error', a.error,
+            'latency_ms', a.latency_ms) ORDER BY a.attempt), '[]'::json)
+        FROM delivery_attempts a
+        WHERE a.user_id = d.user_id AND a.webhook_id = d.webhook_id AND a.event_seq = d.event_seq
+    ))::text
+FROM deliveries d
+WHERE d.webhook_id = %(webhook_id)s AND d.id < %(before_id)s AND (%(status)s::text IS NULL OR d.status = %(status)s)
+ORDER BY d.id DESC
+LIMIT %(limit)s
+"""
+
+# ---------------------------------------------------------------------------------------------------------
+# The dispatcher. One process at a time holds this session-level advisory lock on its own connection.
+DISPATCHER_LOCK: LiteralString = "SELECT pg_try_advisory_lock(1651076204, 1)"
+LISTEN: LiteralString = "LISTEN billing_dispatcher"
+
+# Moves the dispatcher's position along the commit-safe feed and creates the deliveries of what it passed,
+# in one statement: a crash leaves either both or neither.
+FANOUT: LiteralString = """
+WITH position AS (SELECT txid, user_id, seq FROM dispatcher_state WHERE id = 1 FOR UPDATE),
+batch AS (
+    SELECT e.txid, e.user_id, e.seq, e.id, e.type
+    FROM events e, position p
+    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot()) AND (e.txid, e.user_id, e.seq) > (p.txid, p.user_id, p.seq)
+    ORDER BY e.txid, e.user_id, e.seq
+    LIMIT %(limit)s
+),
+fanned AS (
+    INSERT INTO deliveries (user_id, webhook_id, event_seq, event_id, event_type)
+    SELECT b.user_id, w.id, b.seq, b.id, b.type
+    FROM batch b JOIN webhooks w ON b.type = ANY(w.events) OR '*' = ANY(w.events)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+),
+last AS (SELECT txid, user_id, seq FROM batch ORDER BY txid DESC, user_id DESC, seq DESC LIMIT 1),
+moved AS (
+    UPDATE dispatcher_state s SET txid = l.txid, user_id = l.user_id, seq = l.seq FROM last l WHERE s.id = 1
+)
+SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM fanned)
+"""
+
+# The head of each (account, webhook) queue that is due and not in flight: an account's next event never
+# goes to a webhook before its previous one was delivered or finally failed.
+DUE_DELIVERIES: LiteralString = """
+SELECT d.user_id, d.webhook_id, d.event_seq, d.attempts - d.schedule_start, w.url, w.secret,
+       CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
+       e.id::text, json_build_object('type', e.type, 'timestamp', e.created_at, 'data', e.data)::text
+FROM deliveries d
+JOIN webhooks w ON w.id = d.webhook_id
+JOIN events e ON e.user_id = d.user_id AND e.seq = d.event_seq
+WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries p
+      WHERE p.user_id = d.user_id AND p.webhook_id = d.webhook_id AND p.status = 'pending' AND p.event_seq < d.event_seq
+  )
+  AND (d.user_id, d.webhook_id) NOT IN (SELECT * FROM unnest(%(busy_users)s::uuid[], %(busy_webhooks)s::uuid[]))
+ORDER BY d.next_attempt_at
+LIMIT %(limit)s
+"""
+
+RECORD_ATTEMPT: LiteralString = """
+WITH updated AS (
+    UPDATE deliveries
+    SET attempts = attempts + 1, status = %(status)s,
+        next_attempt_at = now() + make_interval(secs => %(delay)s),
+        last_status_code = %(status_code)s, last_error = %(error)s, last_latency_ms = %(latency_ms)s,
+        updated_at = now()
+    WHERE user_id = %(user_id)s AND webhook_id = %(webhook_id)s AND event_seq = %(event_seq)s AND status = 'pending'
+    RETURNING user_id, webhook_id, event_seq, attempts
+)
+INSERT INTO delivery_attempts (user_id, webhook_id, event_seq, attempt, status_code, error, latency_ms)
+SELECT user_id, webhook_id, event_seq, attempts, %(status_code)s, %(error)s, %(latency_ms)s FROM updated
+"""
+
+# Retention: events the dispatcher has passed, older than the retention, with no delivery still pending;
+# and finished deliveries (with their attempts) as old.
+PRUNE: LiteralString = """
+WITH position AS (SELECT txid FROM dispatcher_state WHERE id = 1),
+pruned_events AS (
+    DELETE FROM events e USING position p
+    WHERE e.created_at < now() - %(days)s * interval '1 day' AND e.txid <= p.txid
+      AND NOT EXISTS (
+          SELECT 1 FROM deliveries d WHERE d.user_id = e.user_id AND d.event_seq = e.seq AND d.status = 'pending'
+      )
+    RETURNING 1
+),
+pruned_deliveries AS (
+    DELETE FROM deliveries
+    WHERE status <> 'pending' AND updated_at < now() - %(days)s * interval '1 day'
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM pruned_events), (SELECT count(*) FROM pruned_deliveries)
 """

@@ -152,6 +152,23 @@ async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> 
     return len(root_ids)
 
 
+async def sweep_due_trees(pool: AsyncConnectionPool, *, delay: float, limit: int = 500) -> int:
+    """Expire every hold whose lease ran out `delay` seconds ago or more, tree by tree, each under its root lock
+    (the same LOCK_TREE + SWEEP_TREE as any operation on a tree). Returns how many holds it expired."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.DUE_TREES, {"delay": delay, "limit": limit})
+        trees = await cursor.fetchall()
+    expired = 0
+    for user_id, root_id in trees:
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_TREE, {"hold_id": root_id})
+            cursor = await conn.execute(
+                sql.SWEEP_TREE, {"user_id": user_id, "root_id": root_id, "events": events.enabled}
+            )
+            expired += (await _one(cursor))[0]
+    return int(expired)
+
+
 async def create_hold(
     pool: AsyncConnectionPool,
     *,

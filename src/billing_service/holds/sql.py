@@ -538,3 +538,12 @@ ORDER BY 1, 2 NULLS FIRST
 ACTIVE_HOLDS: LiteralString = """
 SELECT count(*), coalesce(sum(remaining), 0) FROM holds WHERE status = 'active'
 """
+
+
+# For the dispatcher's sweeper: trees with an active hold whose lease ran out at least `delay` seconds ago
+# (requests see expiry exactly without a sweep; the sweep is what makes hold.expired appear in bounded time).
+DUE_TREES: LiteralString = """
+SELECT DISTINCT user_id, root_id FROM holds
+WHERE status = 'active' AND expires_at <= statement_timestamp() - make_interval(secs => %(delay)s)
+LIMIT %(limit)s
+"""

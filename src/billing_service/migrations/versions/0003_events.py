@@ -68,6 +68,8 @@ def upgrade() -> None:
         event_type text NOT NULL,
         status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
         attempts int NOT NULL DEFAULT 0,
+        -- attempts made before the latest replay: the retry schedule restarts from here.
+        schedule_start int NOT NULL DEFAULT 0,
         next_attempt_at timestamptz NOT NULL DEFAULT now(),
         last_status_code int,
         last_error text,
@@ -94,6 +96,9 @@ def upgrade() -> None:
         FOREIGN KEY (user_id, webhook_id, event_seq) REFERENCES deliveries ON DELETE CASCADE
     );
 
+    -- The dispatcher's sweeper finds holds whose lease ran out that no request has touched since.
+    CREATE INDEX holds_active_by_expiry ON holds (expires_at) WHERE status = 'active';
+
     -- The dispatcher's position in the feed: events up to it have their deliveries.
     CREATE TABLE dispatcher_state (
         id int PRIMARY KEY CHECK (id = 1),
@@ -108,6 +113,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("""
     DROP TABLE dispatcher_state;
+    DROP INDEX holds_active_by_expiry;
     DROP TABLE delivery_attempts;
     DROP TABLE deliveries;
     DROP TABLE webhooks;

@@ -22,6 +22,16 @@ def _crossing(new_available: LiteralString, prefix: LiteralString, decreasing: L
     )
 
 
+def txid_set(prefix: LiteralString = "") -> LiteralString:
+    """The txid an account's events are stamped with: this transaction's, or the account's previous one's if
+    that is larger (a transaction can get its xid before it waits for the row lock, so xids alone need not
+    follow seq). Never below the writer's own xid, so the feed stays commit-safe (see _FEED_ROW)."""
+    return (
+        f"last_event_txid = CASE WHEN %(events)s THEN greatest({prefix}last_event_txid, pg_current_xact_id()) "
+        f"ELSE {prefix}last_event_txid END"
+    )
+
+
 def lowering_set(
     new_available: LiteralString,
     count: LiteralString = "1",
@@ -33,6 +43,7 @@ def lowering_set(
     crossing = _crossing(new_available, prefix, decreasing)
     return f"""last_event_seq = {prefix}last_event_seq
             + CASE WHEN %(events)s THEN {count} + ({crossing})::int ELSE 0 END,
+        {txid_set(prefix)},
         low_balance_armed = CASE WHEN {crossing} THEN false
                                  WHEN {new_available} >= {prefix}low_balance_threshold THEN true
                                  ELSE {prefix}low_balance_armed END,
@@ -44,15 +55,16 @@ def raising_set(new_available: LiteralString, count: LiteralString = "1", prefix
     """SET clauses for an UPDATE of accounts that never lowers available: bumps the seq by `count` events and
     re-arms the alert when available is back at or above the threshold."""
     return f"""last_event_seq = {prefix}last_event_seq + CASE WHEN %(events)s THEN {count} ELSE 0 END,
+        {txid_set(prefix)},
         low_balance_armed = {prefix}low_balance_armed
             OR coalesce({new_available} >= {prefix}low_balance_threshold, false)"""
 
 
 # In a RETURNING of an UPDATE that used lowering_set: did this statement fire balance.low?
 CROSSED: LiteralString = "(%(events)s AND coalesce(low_balance_event_seq = last_event_seq, false)) AS crossed"
-ACCOUNT_RETURNING: LiteralString = f"balance, held, low_balance_threshold, last_event_seq, {CROSSED}"
+ACCOUNT_RETURNING: LiteralString = f"balance, held, low_balance_threshold, last_event_seq, last_event_txid, {CROSSED}"
 
-EVENT_COLUMNS: LiteralString = "INSERT INTO events (user_id, seq, type, data)"
+EVENT_COLUMNS: LiteralString = "INSERT INTO events (user_id, seq, type, data, txid)"
 
 # A ledger row exactly as history renders it (ledger/sql.py _HISTORY_ROW), from an INSERT ... RETURNING
 # LEDGER_RETURNING aliased `i`.
@@ -72,7 +84,7 @@ def low_data(alias: LiteralString) -> LiteralString:
 
 def low_event(alias: LiteralString) -> LiteralString:
     """The SELECT of a balance.low row, for a UNION ALL in an events INSERT."""
-    return f"""SELECT {alias}.user_id, {alias}.last_event_seq, 'balance.low', {low_data(alias)}
+    return f"""SELECT {alias}.user_id, {alias}.last_event_seq, 'balance.low', {low_data(alias)}, {alias}.last_event_txid
     FROM {alias} WHERE {alias}.crossed"""
 
 
@@ -97,14 +109,15 @@ def hold_data(alias: LiteralString, extra: LiteralString = "") -> LiteralString:
 DEPLETED: LiteralString = """
 WITH flipped AS (
     UPDATE accounts
-    SET depleted_notified = true, last_event_seq = last_event_seq + 1, updated_at = now()
+    SET depleted_notified = true, last_event_seq = last_event_seq + 1, updated_at = now(),
+        last_event_txid = greatest(last_event_txid, pg_current_xact_id())
     WHERE user_id = %(user_id)s AND NOT depleted_notified AND %(events)s
-    RETURNING user_id, last_event_seq, balance, held
+    RETURNING user_id, last_event_seq, balance, held, last_event_txid
 )
-INSERT INTO events (user_id, seq, type, data)
+INSERT INTO events (user_id, seq, type, data, txid)
 SELECT user_id, last_event_seq, 'balance.depleted', json_build_object(
     'user_id', user_id, 'operation', %(operation)s::text, 'requested', %(amount)s::bigint,
-    'available', balance - held, 'balance', balance, 'held', held)
+    'available', balance - held, 'balance', balance, 'held', held), last_event_txid
 FROM flipped
 """
 

@@ -25,6 +25,7 @@ from billing_service.events.sql import (
     low_event,
     lowering_set,
     raising_set,
+    txid_set,
 )
 from billing_service.ledger.sql import EXISTING_TRANSACTION, IDEMPOTENT_REPLAY, LEDGER_ROW_COLUMNS
 
@@ -70,7 +71,7 @@ inserted AS (
 ),
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT r.user_id, r.last_event_seq - r.crossed::int, 'hold.created', {hold_data("h")}
+    SELECT r.user_id, r.last_event_seq - r.crossed::int, 'hold.created', {hold_data("h")}, r.last_event_txid
     FROM reserved r CROSS JOIN inserted h
     WHERE %(events)s
     UNION ALL
@@ -138,12 +139,12 @@ to_account AS (
         {raising_set("a.balance - a.held + r.amount", "(SELECT count(*) FROM due)", prefix="a.")}
     FROM to_root r
     WHERE a.user_id = %(user_id)s AND (r.amount > 0 OR (%(events)s AND EXISTS (SELECT 1 FROM due)))
-    RETURNING a.user_id, a.last_event_seq
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid
 ),
 outbox AS (
     {EVENT_COLUMNS}
     SELECT t.user_id, t.last_event_seq - (SELECT count(*) FROM due) + row_number() OVER (ORDER BY h.path, h.id),
-           'hold.expired', {hold_data("h")}
+           'hold.expired', {hold_data("h")}, t.last_event_txid
     FROM expired h CROSS JOIN to_account t
     WHERE %(events)s
 )
@@ -185,12 +186,12 @@ to_account AS (
         {raising_set("a.balance - a.held + f.amount", "f.holds", prefix="a.")}
     FROM freed f
     WHERE a.user_id = %(user_id)s
-    RETURNING a.user_id, a.last_event_seq, f.holds
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.holds
 ),
 outbox AS (
     {EVENT_COLUMNS}
     SELECT t.user_id, t.last_event_seq - t.holds + row_number() OVER (ORDER BY h.path, h.id),
-           'hold.expired', {hold_data("h")}
+           'hold.expired', {hold_data("h")}, t.last_event_txid
     FROM expired h CROSS JOIN to_account t
     WHERE %(events)s
 )
@@ -240,7 +241,7 @@ debited AS (
         {lowering_set(_CAPTURE_AVAILABLE, "1 + %(final)s::int", "a.", f"{_CAPTURE_AVAILABLE} < a.balance - a.held")}
     FROM plan p CROSS JOIN freed f
     WHERE a.user_id = %(user_id)s AND a.balance - a.held >= p.excess
-    RETURNING a.user_id, a.last_seq, a.balance, a.held, a.low_balance_threshold, a.last_event_seq,
+    RETURNING a.user_id, a.last_seq, a.balance, a.held, a.low_balance_threshold, a.last_event_seq, a.last_event_txid,
               (%(events)s AND coalesce(a.low_balance_event_seq = a.last_event_seq, false)) AS crossed
 ),
 hold_captured AS (
@@ -275,11 +276,12 @@ inserted AS (
 -- Every capture is a ledger row: transaction.posted; a final one also closes the hold: hold.captured.
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT d.user_id, d.last_event_seq - d.crossed::int - %(final)s::int, 'transaction.posted', {POSTED_DATA}
+    SELECT d.user_id, d.last_event_seq - d.crossed::int - %(final)s::int, 'transaction.posted', {POSTED_DATA},
+           d.last_event_txid
     FROM debited d CROSS JOIN inserted i
     WHERE %(events)s
     UNION ALL
-    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'hold.captured', {hold_data("h")}
+    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'hold.captured', {hold_data("h")}, d.last_event_txid
     FROM debited d CROSS JOIN hold_captured h
     WHERE %(events)s AND %(final)s
     UNION ALL
@@ -346,11 +348,11 @@ to_account AS (
         {raising_set("a.balance - a.held + CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END", prefix="a.")}
     FROM freed f
     WHERE a.user_id = %(user_id)s AND (f.parent_id IS NULL OR %(events)s)
-    RETURNING a.user_id, a.last_event_seq, f.amount
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.amount
 ),
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT t.user_id, t.last_event_seq, 'hold.released', {hold_data("h", ", 'released', t.amount")}
+    SELECT t.user_id, t.last_event_seq, 'hold.released', {hold_data("h", ", 'released', t.amount")}, t.last_event_txid
     FROM to_account t JOIN closed h ON h.id = %(hold_id)s
     WHERE %(events)s
 ),
@@ -440,14 +442,14 @@ inserted AS (
 ),
 -- A child reserves nothing new (held is unchanged): the account row is written only to number its event.
 numbered AS (
-    UPDATE accounts a SET last_event_seq = a.last_event_seq + 1
+    UPDATE accounts a SET last_event_seq = a.last_event_seq + 1, {txid_set("a.")}
     FROM inserted i
     WHERE a.user_id = %(user_id)s AND %(events)s
-    RETURNING a.user_id, a.last_event_seq
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid
 ),
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT n.user_id, n.last_event_seq, 'hold.created', {hold_data("h")}
+    SELECT n.user_id, n.last_event_seq, 'hold.created', {hold_data("h")}, n.last_event_txid
     FROM numbered n CROSS JOIN inserted h
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'

@@ -55,7 +55,7 @@ inserted AS (
 -- The outbox, in the same statement: the ledger row's transaction.posted, and balance.low if this crossed.
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'transaction.posted', {POSTED_DATA}
+    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'transaction.posted', {POSTED_DATA}, d.last_event_txid
     FROM debited d CROSS JOIN inserted i
     WHERE %(events)s
     UNION ALL
@@ -80,14 +80,15 @@ LEFT JOIN accounts a ON a.user_id = %(user_id)s
 CREDIT: LiteralString = f"""
 WITH {EXISTING_TRANSACTION},
 credited AS (
-    INSERT INTO accounts AS a (user_id, balance, last_seq, last_event_seq, low_balance_threshold)
-    SELECT %(user_id)s, %(amount)s, 1, CASE WHEN %(events)s THEN 1 ELSE 0 END, %(default_threshold)s::bigint
+    INSERT INTO accounts AS a (user_id, balance, last_seq, last_event_seq, last_event_txid, low_balance_threshold)
+    SELECT %(user_id)s, %(amount)s, 1, CASE WHEN %(events)s THEN 1 ELSE 0 END,
+           CASE WHEN %(events)s THEN pg_current_xact_id() ELSE '0'::xid8 END, %(default_threshold)s::bigint
     WHERE NOT EXISTS (SELECT 1 FROM existing)
     ON CONFLICT (user_id) DO UPDATE
     SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now(),
         depleted_notified = false,
         {raising_set("a.balance + excluded.balance - a.held", prefix="a.")}
-    RETURNING user_id, balance, last_seq, last_event_seq
+    RETURNING user_id, balance, last_seq, last_event_seq, last_event_txid
 ),
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
@@ -98,7 +99,7 @@ inserted AS (
 ),
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT c.user_id, c.last_event_seq, 'transaction.posted', {POSTED_DATA}
+    SELECT c.user_id, c.last_event_seq, 'transaction.posted', {POSTED_DATA}, c.last_event_txid
     FROM credited c CROSS JOIN inserted i
     WHERE %(events)s
 )
@@ -324,18 +325,23 @@ inserted AS (
 ),
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA}
+    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
+           greatest(a.last_event_txid, pg_current_xact_id())
     FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
+    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
     WHERE %(events)s
     UNION ALL
-    SELECT user_id, seq, type, data::json
+    SELECT e.user_id, e.seq, e.type, e.data::json, greatest(a.last_event_txid, pg_current_xact_id())
     FROM unnest(%(event_user_ids)s::uuid[], %(event_seqs_other)s::bigint[], %(event_types)s::text[],
                 %(event_data)s::text[]) AS e(user_id, seq, type, data)
+    JOIN accounts a ON a.user_id = e.user_id
 ),
 updated AS (
     UPDATE accounts a
     SET balance = s.balance, last_seq = s.last_seq, last_event_seq = s.last_event_seq,
         low_balance_armed = s.armed, low_balance_event_seq = s.low_event_seq, depleted_notified = s.depleted,
+        last_event_txid = CASE WHEN %(events)s THEN greatest(a.last_event_txid, pg_current_xact_id())
+                               ELSE a.last_event_txid END,
         updated_at = now()
     FROM unnest(%(account_ids)s::uuid[], %(account_balances)s::bigint[], %(account_last_seqs)s::bigint[],
                 %(account_last_event_seqs)s::bigint[], %(account_armed)s::boolean[],

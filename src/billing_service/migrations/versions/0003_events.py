@@ -23,6 +23,9 @@ def upgrade() -> None:
     op.execute("""
     ALTER TABLE accounts
         ADD COLUMN last_event_seq bigint NOT NULL DEFAULT 0,
+        -- The txid stamped on the account's newest event: never less than the previous one's, so the feed's
+        -- (txid, user_id, seq) order keeps each account's seq order (see events/sql.py).
+        ADD COLUMN last_event_txid xid8 NOT NULL DEFAULT '0',
         ADD COLUMN low_balance_threshold bigint CONSTRAINT low_balance_threshold_not_negative
             CHECK (low_balance_threshold >= 0),
         ADD COLUMN low_balance_armed boolean NOT NULL DEFAULT true,
@@ -123,5 +126,6 @@ def downgrade() -> None:
         DROP COLUMN low_balance_event_seq,
         DROP COLUMN low_balance_armed,
         DROP COLUMN low_balance_threshold,
+        DROP COLUMN last_event_txid,
         DROP COLUMN last_event_seq;
     """)

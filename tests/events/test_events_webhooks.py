@@ -14,7 +14,6 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from conftest import fund
 from events.conftest import wait_for
-from events.receiver import Receiver
 
 
 def _verify(secret: str, request) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,9 @@ from billing_service import db, metrics
 from billing_service.edge.layer import Edge
 from billing_service.edge.telemetry import router as metrics_router
 from billing_service.errors import install_error_handlers
+from billing_service.events import config as events_config
+from billing_service.events import dispatcher
+from billing_service.events.routes import router as events_router
 from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
@@ -24,6 +28,7 @@ from billing_service.settings import Settings, get_settings
 def create_app(settings: Settings | None = None) -> Edge:
     """The ASGI application a server runs: the edge, in front of FastAPI and the domains' routers."""
     settings = settings or get_settings()
+    events_config.configure(settings)
     configure_logging(
         log_format=settings.log_format or ("console" if settings.embedded else "json"),
         level=settings.log_level,
@@ -43,9 +48,15 @@ def create_app(settings: Settings | None = None) -> Edge:
             if settings.batch_charges
             else None
         )
+        # Every worker starts one; the advisory lock lets exactly one of them (cluster-wide) lead.
+        dispatching = asyncio.create_task(dispatcher.run(url, pool, settings)) if settings.dispatcher else None
         try:
             yield
         finally:
+            if dispatching is not None:
+                dispatching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dispatching
             pool_sampler.cancel()
             app.state.http_metrics.flush()
             metrics.worker_exiting()
@@ -64,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Edge:
     )
     app.include_router(router)
     app.include_router(holds_router)
+    app.include_router(events_router)
     app.include_router(health)
     app.include_router(metrics_router)
     app.state.settings = settings

@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
@@ -18,6 +19,9 @@ import typer
 
 from billing_service import db
 from billing_service.errors import BillingError
+from billing_service.events import config as events_config
+from billing_service.events import dispatcher
+from billing_service.events import rules as events
 from billing_service.holds import rules as holds
 from billing_service.ledger import rules as ledger
 from billing_service.ledger.schemas import MAX_AMOUNT
@@ -65,6 +69,8 @@ def _secret_in_data_dir(data_dir: Path, name: str) -> str:
 
 
 def _run(settings: Settings, url: str, action: Callable[[Any], Awaitable[T]]) -> T:
+    events_config.configure(settings)
+
     async def main() -> T:
         pool = db.create_pool(url, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
         await pool.open(wait=True, timeout=10)
@@ -329,3 +335,84 @@ def user_token(user_id: UUID, ttl_seconds: Annotated[int, typer.Option(min=1)] =
         raise _fail("BILLING_JWT_SECRET is not set")
     now = int(time.time())
     typer.echo(jwt.encode({"sub": str(user_id), "iat": now, "exp": now + ttl_seconds}, secret, algorithm="HS256"))
+
+
+@app.command()
+def dispatch() -> None:
+    """Run the webhook dispatcher (and the hold sweeper) in this process, until interrupted.
+
+    Several may run: one leads at a time (an advisory lock), the others stand by. Pair it with
+    BILLING_DISPATCHER=false on `billing serve` to keep deliveries out of the API's processes."""
+    settings = get_settings()
+    url = _ready_database_url(settings)
+    events_config.configure(settings)
+    configure_logging(
+        log_format=settings.log_format or "console", level=settings.log_level, secrets=settings.secret_values()
+    )
+
+    async def main() -> None:
+        pool = db.create_pool(url, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 4}))
+        await pool.open(wait=False)
+        try:
+            await dispatcher.run(url, pool, settings)
+        finally:
+            await pool.close()
+
+    typer.echo("billing dispatch: delivering webhooks", err=True)
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+webhooks_app = typer.Typer(help="Webhooks: replay events, read the delivery log.", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise _fail(f"--{name}: give a time zone offset, e.g. 2026-01-01T00:00:00+00:00")
+    return value
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    webhook_id: UUID,
+    since: Annotated[str | None, typer.Option(help="Inclusive, RFC 3339 with offset.")] = None,
+    until: Annotated[str | None, typer.Option(help="Exclusive, RFC 3339 with offset.")] = None,
+    event_id: Annotated[
+        list[UUID] | None, typer.Option("--event-id", help="An event to send again (repeatable).")
+    ] = None,
+) -> None:
+    """Send events to the webhook again: those created in [since, until), or the given --event-id ones."""
+    try:
+        parsed = [datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None for value in (since, until)]
+    except ValueError as exc:
+        raise _fail(f"since/until: not an RFC 3339 time ({exc})") from exc
+    start, end = _aware(parsed[0], "since"), _aware(parsed[1], "until")
+    settings = get_settings()
+    count = _run(
+        settings,
+        _ready_database_url(settings),
+        lambda pool: events.replay(pool, webhook_id=webhook_id, since=start, until=end, event_ids=event_id or None),
+    )
+    typer.echo(f"replaying {count} deliveries")
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    webhook_id: UUID,
+    status: Annotated[str | None, typer.Option(help="pending, delivered or failed.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+) -> None:
+    """Print the webhook's newest deliveries with their attempts, one JSON object per line."""
+    if status is not None and status not in ("pending", "delivered", "failed"):
+        raise _fail("--status must be pending, delivered or failed")
+    settings = get_settings()
+    rows, _ = _run(
+        settings,
+        _ready_database_url(settings),
+        lambda pool: events.deliveries(pool, webhook_id=webhook_id, status=status, limit=limit, cursor=None),
+    )
+    for row in rows:
+        typer.echo(json.dumps(json.loads(row)))

@@ -4,7 +4,7 @@ BillingError
 ├── Unauthorized            401 unauthorized / invalid_token
 ├── Forbidden               403 forbidden
 ├── AccountNotFound         404 account_not_found (402 on a charge, as the seed says)
-├── NotFound                404 not_found
+├── NotFound                404 not_found / webhook_not_found
 ├── HoldNotFound            404 hold_not_found
 ├── HoldNotActive           409 hold_not_active (captured, released or expired)
 ├── CaptureExceedsHold      409 capture_exceeds_hold (more than remaining, without allow_overrun)
@@ -13,7 +13,8 @@ BillingError
 ├── InsufficientBalance     402 insufficient_balance
 ├── IdempotencyKeyReused    422 idempotency_key_reused
 ├── IdempotencyConflict     409 idempotency_conflict
-├── InvalidRequest          422 validation_error / invalid_cursor / invalid_idempotency_key / ...
+├── InvalidRequest          422 validation_error / invalid_cursor / invalid_idempotency_key / unknown_event_type /
+│                               webhook_url_invalid / webhook_url_not_allowed (SSRF) / invalid_replay / ...
 ├── BalanceLimitExceeded    422 balance_limit_exceeded
 ├── PayloadTooLarge         413 payload_too_large
 └── DatabaseUnavailable     503 database_unavailable (with Retry-After)

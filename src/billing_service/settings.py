@@ -16,6 +16,17 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
 | BILLING_BATCH_MAX_SIZE     | most charges in one batch (256)                                       |
 | BILLING_BATCH_MAX_INFLIGHT | batches a worker may have committing at once (2)                      |
+| BILLING_EVENTS             | write the events outbox with every change (true)                      |
+| BILLING_LOW_BALANCE_THRESHOLD | threshold new accounts get for balance.low; unset: no alert        |
+| BILLING_DISPATCHER         | run the webhook dispatcher in `billing serve` (true)                  |
+| BILLING_WEBHOOKS_ALLOW_INSECURE | allow http:// and private/loopback webhook addresses (false)     |
+| BILLING_WEBHOOK_RETRY_SCHEDULE | seconds between attempts, comma-separated (about a day)           |
+| BILLING_WEBHOOK_TIMEOUT    | seconds a receiver gets to answer (10)                                |
+| BILLING_WEBHOOK_RETRY_AFTER_MAX | longest Retry-After honoured, seconds (3600)                     |
+| BILLING_WEBHOOK_SECRET_GRACE_HOURS | how long a rotated-out secret still signs (24)                |
+| BILLING_EVENTS_RETENTION_DAYS | delivered events older than this are pruned (30)                   |
+| BILLING_HOLD_SWEEP_INTERVAL | seconds between the dispatcher's expiry sweeps (5)                   |
+| BILLING_HOLD_SWEEP_DELAY   | a hold is swept this many seconds after it expired (5)                |
 | BILLING_LOG_FORMAT         | `json` or `console`; default console when embedded, json otherwise   |
 | BILLING_LOG_LEVEL          | root log level: debug, info, warning, error (info)                    |
 | BILLING_ACCESS_LOG         | one log line per request, with its request id (true)                  |
@@ -58,6 +69,20 @@ class Settings(BaseSettings):
     batch_charges: bool = True
     batch_max_size: int = Field(default=256, ge=1, le=10_000)
     batch_max_inflight: int = Field(default=2, ge=1, le=64)
+    events: bool = True
+    low_balance_threshold: int | None = Field(default=None, ge=0, le=2**53 - 1)
+    dispatcher: bool = True
+    webhooks_allow_insecure: bool = False
+    # Svix's schedule (Standard Webhooks' reference): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: about 28 h.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, le=300)
+    webhook_retry_after_max: float = Field(default=3600.0, ge=0)
+    webhook_secret_grace_hours: float = Field(default=24.0, ge=0)
+    events_retention_days: float = Field(default=30.0, gt=0)
+    hold_sweep_interval: float = Field(default=5.0, gt=0)
+    hold_sweep_delay: float = Field(default=5.0, ge=0)
 
     @field_validator("service_tokens", mode="before")
     @classmethod
@@ -66,6 +91,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            delays = [float(part) for part in value.split(",") if part.strip()]
+            if any(delay < 0 for delay in delays):
+                raise ValueError("retry delays must be >= 0 seconds")
+            return delays
+        return value
+
+    @field_validator("low_balance_threshold", mode="before")
+    @classmethod
+    def _empty_threshold_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("jwt_secret", mode="before")
     @classmethod

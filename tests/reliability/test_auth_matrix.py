@@ -27,6 +27,10 @@ KNOWN_OPERATIONS = {
 }
 
 
+# Reads whose account is an optional `user_id` query parameter: the matrix names the owner's account there.
+OPTIONAL_USER_QUERY = {"/billing/events"}
+
+
 def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
@@ -73,7 +77,9 @@ class Operation:
     def reads_an_account(self) -> bool:
         """A GET naming the account it reads (in the path or the query), so a user JWT may read its own."""
         return self.method == "GET" and (
-            "{user_id}" in self.path or any(name == "user_id" for name, _ in self.required_query)
+            "{user_id}" in self.path
+            or any(name == "user_id" for name, _ in self.required_query)
+            or self.path in OPTIONAL_USER_QUERY
         )
 
 
@@ -128,6 +134,8 @@ def request_for(operation: Operation, owner: uuid.UUID) -> dict[str, Any]:
         start, end = url.index("{"), url.index("}")
         url = url[:start] + str(uuid.uuid4()) + url[end + 1 :]
     params = {name: str(owner) if name == "user_id" else value for name, value in operation.required_query}
+    if operation.path in OPTIONAL_USER_QUERY:
+        params["user_id"] = str(owner)
     request: dict[str, Any] = {
         "method": operation.method,
         "url": url,

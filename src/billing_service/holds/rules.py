@@ -35,6 +35,8 @@ from billing_service.errors import (
     IdempotencyKeyReused,
     InsufficientBalance,
 )
+from billing_service.events import config as events
+from billing_service.events.rules import notify_depleted
 from billing_service.holds import sql
 from billing_service.idempotency import request_hash
 
@@ -116,7 +118,7 @@ async def _locked_tree(pool: AsyncConnectionPool, hold_id: UUID) -> AsyncIterato
             if row is None:
                 raise HoldNotFound()
             user_id, root_id = row
-            await conn.execute(sql.SWEEP_TREE, {"user_id": user_id, "root_id": root_id})
+            await conn.execute(sql.SWEEP_TREE, {"user_id": user_id, "root_id": root_id, "events": events.enabled})
             try:
                 yield _Tree(conn, user_id, root_id)
             except BillingError as exc:
@@ -144,8 +146,27 @@ async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> 
             cursor = await conn.execute(sql.LOCK_EXPIRED_ROOTS, {"user_id": user_id})
             root_ids = [row[0] for row in await cursor.fetchall()]
             if root_ids:
-                await conn.execute(sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids})
+                await conn.execute(
+                    sql.SWEEP_ROOTS, {"user_id": user_id, "root_ids": root_ids, "events": events.enabled}
+                )
     return len(root_ids)
+
+
+async def sweep_due_trees(pool: AsyncConnectionPool, *, delay: float, limit: int = 500) -> int:
+    """Expire every hold whose lease ran out `delay` seconds ago or more, tree by tree, each under its root lock
+    (the same LOCK_TREE + SWEEP_TREE as any operation on a tree). Returns how many holds it expired."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.DUE_TREES, {"delay": delay, "limit": limit})
+        trees = await cursor.fetchall()
+    expired = 0
+    for user_id, root_id in trees:
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_TREE, {"hold_id": root_id})
+            cursor = await conn.execute(
+                sql.SWEEP_TREE, {"user_id": user_id, "root_id": root_id, "events": events.enabled}
+            )
+            expired += (await _one(cursor))[0]
+    return int(expired)
 
 
 async def create_hold(
@@ -170,6 +191,7 @@ async def create_hold(
         "metadata": Jsonb(metadata) if metadata is not None else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest if idempotency_key is not None else None,
+        "events": events.enabled,
     }
     for attempt in range(2):
         outcome, hold_id, stored_hash, available = await _reserve(pool, params)
@@ -180,6 +202,7 @@ async def create_hold(
     if outcome == "account_not_found":
         raise AccountNotFound(status_code=402)
     if outcome == "insufficient_balance":
+        await notify_depleted(pool, user_id=user_id, amount=amount, operation="hold")
         raise InsufficientBalance(f"The available balance is {available}; this hold needs {amount}.")
     if outcome == "replayed":
         _check_replay(stored_hash, digest)
@@ -230,6 +253,7 @@ async def carve_child(
                     "ttl_seconds": ttl_seconds,
                     "metadata": Jsonb(metadata) if metadata is not None else None,
                     "max_depth": MAX_DEPTH,
+                    "events": events.enabled,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
                 },
@@ -289,6 +313,7 @@ async def capture(
                     "metadata": Jsonb(metadata) if metadata is not None else None,
                     "final": final,
                     "allow_overrun": allow_overrun,
+                    "events": events.enabled,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
                 },
@@ -336,6 +361,7 @@ async def release(pool: AsyncConnectionPool, *, hold_id: UUID, idempotency_key: 
                 "hold_id": hold_id,
                 "idempotency_key": idempotency_key,
                 "request_hash": digest if idempotency_key is not None else None,
+                "events": events.enabled,
             },
         )
         outcome, stored_hash, _ = await _one(cursor)

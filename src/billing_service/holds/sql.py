@@ -15,6 +15,18 @@ have waited for the lock, and now() is its start.
 
 from typing import LiteralString
 
+from billing_service.events.sql import (
+    ACCOUNT_RETURNING,
+    EVENT_COLUMNS,
+    HOLD_RETURNING,
+    LEDGER_RETURNING,
+    POSTED_DATA,
+    hold_data,
+    low_event,
+    lowering_set,
+    raising_set,
+    txid_set,
+)
 from billing_service.ledger.sql import EXISTING_TRANSACTION, IDEMPOTENT_REPLAY, LEDGER_ROW_COLUMNS
 
 __all__ = ["IDEMPOTENT_REPLAY"]  # a capture's key race replays from the ledger row
@@ -42,11 +54,12 @@ WITH existing AS (
 ),
 reserved AS (
     UPDATE accounts
-    SET held = held + %(amount)s, updated_at = now()
+    SET held = held + %(amount)s, updated_at = now(),
+        {lowering_set("balance - held - %(amount)s")}
     WHERE user_id = %(user_id)s
       AND balance - held >= %(amount)s
       AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING user_id
+    RETURNING user_id, {ACCOUNT_RETURNING}
 ),
 new_hold AS (SELECT billing_uuidv7() AS id),
 inserted AS (
@@ -54,7 +67,15 @@ inserted AS (
     SELECT r.user_id, n.id, NULL, n.id, ARRAY[n.id], %(amount)s, %(amount)s, %(description)s, %(metadata)s,
            statement_timestamp() + make_interval(secs => %(ttl_seconds)s), %(idempotency_key)s, %(request_hash)s
     FROM reserved r CROSS JOIN new_hold n
-    RETURNING id
+    RETURNING {HOLD_RETURNING}
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT r.user_id, r.last_event_seq - r.crossed::int, 'hold.created', {hold_data("h")}, r.last_event_txid
+    FROM reserved r CROSS JOIN inserted h
+    WHERE %(events)s
+    UNION ALL
+    {low_event("reserved")}
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             WHEN i.id IS NOT NULL THEN 'applied'
@@ -86,7 +107,7 @@ FOR UPDATE OF r
 # Under the tree lock: expires what is due. Children never outlive their parent, so the due holds form
 # whole subtrees; each subtree's remaining goes back to the (live) parent of its top, or to the account
 # (held decreases) when its top is the root.
-SWEEP_TREE: LiteralString = """
+SWEEP_TREE: LiteralString = f"""
 WITH due AS (
     SELECT id, parent_id, path, remaining FROM holds
     WHERE user_id = %(user_id)s AND root_id = %(root_id)s AND status = 'active'
@@ -103,16 +124,29 @@ returned AS (
 expired AS (
     UPDATE holds SET status = 'expired', remaining = 0, updated_at = clock_timestamp()
     WHERE user_id = %(user_id)s AND id IN (SELECT id FROM due)
+    RETURNING {HOLD_RETURNING}
 ),
 to_parents AS (
     UPDATE holds h SET remaining = h.remaining + r.amount, updated_at = clock_timestamp()
     FROM returned r
     WHERE h.user_id = %(user_id)s AND h.id = r.parent_id
 ),
+to_root AS (SELECT coalesce(sum(amount), 0) AS amount FROM returned WHERE parent_id IS NULL),
+-- The account row is written when the root's tokens come back, or when there are events to number.
 to_account AS (
-    UPDATE accounts a SET held = a.held - r.amount, updated_at = now()
-    FROM returned r
-    WHERE a.user_id = %(user_id)s AND r.parent_id IS NULL
+    UPDATE accounts a
+    SET held = a.held - r.amount, updated_at = now(),
+        {raising_set("a.balance - a.held + r.amount", "(SELECT count(*) FROM due)", prefix="a.")}
+    FROM to_root r
+    WHERE a.user_id = %(user_id)s AND (r.amount > 0 OR (%(events)s AND EXISTS (SELECT 1 FROM due)))
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT t.user_id, t.last_event_seq - (SELECT count(*) FROM due) + row_number() OVER (ORDER BY h.path, h.id),
+           'hold.expired', {hold_data("h")}, t.last_event_txid
+    FROM expired h CROSS JOIN to_account t
+    WHERE %(events)s
 )
 SELECT count(*) FROM due
 """
@@ -135,7 +169,7 @@ FOR UPDATE
 """
 
 # Under the locks of LOCK_EXPIRED_ROOTS: an expired root's whole tree is expired (children never outlive it).
-SWEEP_ROOTS: LiteralString = """
+SWEEP_ROOTS: LiteralString = f"""
 WITH due AS (
     SELECT id, remaining FROM holds
     WHERE user_id = %(user_id)s AND root_id = ANY(%(root_ids)s) AND status = 'active'
@@ -143,11 +177,30 @@ WITH due AS (
 expired AS (
     UPDATE holds SET status = 'expired', remaining = 0, updated_at = clock_timestamp()
     WHERE user_id = %(user_id)s AND id IN (SELECT id FROM due)
+    RETURNING {HOLD_RETURNING}
+),
+freed AS (SELECT coalesce(sum(remaining), 0) AS amount, count(*) AS holds FROM due),
+to_account AS (
+    UPDATE accounts a
+    SET held = a.held - f.amount, updated_at = now(),
+        {raising_set("a.balance - a.held + f.amount", "f.holds", prefix="a.")}
+    FROM freed f
+    WHERE a.user_id = %(user_id)s
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.holds
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT t.user_id, t.last_event_seq - t.holds + row_number() OVER (ORDER BY h.path, h.id),
+           'hold.expired', {hold_data("h")}, t.last_event_txid
+    FROM expired h CROSS JOIN to_account t
+    WHERE %(events)s
 )
-UPDATE accounts
-SET held = held - (SELECT coalesce(sum(remaining), 0) FROM due), updated_at = now()
-WHERE user_id = %(user_id)s
+SELECT count(*) FROM due
 """
+
+_CAPTURE_AVAILABLE = (
+    "(a.balance - %(amount)s) - (a.held - p.from_hold - CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END)"
+)
 
 # Under the tree lock. A capture posts a ledger row like CHARGE (seq and balance_after under the account
 # row lock). From the hold it takes min(amount, remaining); any excess (allow_overrun) must be covered by
@@ -184,10 +237,12 @@ debited AS (
     SET balance = a.balance - %(amount)s,
         held = a.held - p.from_hold - CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END,
         last_seq = a.last_seq + 1,
-        updated_at = now()
+        updated_at = now(),
+        {lowering_set(_CAPTURE_AVAILABLE, "1 + %(final)s::int", "a.", f"{_CAPTURE_AVAILABLE} < a.balance - a.held")}
     FROM plan p CROSS JOIN freed f
     WHERE a.user_id = %(user_id)s AND a.balance - a.held >= p.excess
-    RETURNING a.user_id, a.balance, a.last_seq
+    RETURNING a.user_id, a.last_seq, a.balance, a.held, a.low_balance_threshold, a.last_event_seq, a.last_event_txid,
+              (%(events)s AND coalesce(a.low_balance_event_seq = a.last_event_seq, false)) AS crossed
 ),
 hold_captured AS (
     UPDATE holds h
@@ -197,6 +252,8 @@ hold_captured AS (
         updated_at = clock_timestamp()
     FROM plan p CROSS JOIN debited
     WHERE h.user_id = %(user_id)s AND h.id = p.id
+    RETURNING h.id, h.user_id, h.parent_id, h.root_id, h.path, h.amount, h.remaining, h.captured, h.status,
+              h.expires_at, h.description, h.metadata, h.created_at
 ),
 subtree_released AS (
     UPDATE holds h SET status = 'released', remaining = 0, updated_at = clock_timestamp()
@@ -214,7 +271,21 @@ inserted AS (
            coalesce(%(description)s, (SELECT description FROM target)), %(metadata)s,
            %(idempotency_key)s, %(request_hash)s, %(hold_id)s
     FROM debited d
-    RETURNING id, balance_after
+    RETURNING {LEDGER_RETURNING}
+),
+-- Every capture is a ledger row: transaction.posted; a final one also closes the hold: hold.captured.
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT d.user_id, d.last_event_seq - d.crossed::int - %(final)s::int, 'transaction.posted', {POSTED_DATA},
+           d.last_event_txid
+    FROM debited d CROSS JOIN inserted i
+    WHERE %(events)s
+    UNION ALL
+    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'hold.captured', {hold_data("h")}, d.last_event_txid
+    FROM debited d CROSS JOIN hold_captured h
+    WHERE %(events)s AND %(final)s
+    UNION ALL
+    {low_event("debited")}
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             WHEN i.id IS NOT NULL THEN 'applied'
@@ -262,16 +333,28 @@ closed AS (
     UPDATE holds h SET status = 'released', remaining = 0, updated_at = clock_timestamp()
     FROM subtree s
     WHERE h.user_id = %(user_id)s AND h.id = s.id
+    RETURNING h.id, h.user_id, h.parent_id, h.root_id, h.path, h.amount, h.remaining, h.captured, h.status,
+              h.expires_at, h.description, h.metadata, h.created_at
 ),
 to_parent AS (
     UPDATE holds h SET remaining = h.remaining + f.amount, updated_at = clock_timestamp()
     FROM freed f
     WHERE h.user_id = %(user_id)s AND h.id = f.parent_id
 ),
+-- Written for a root's release (held goes down), or to number the event of a child's.
 to_account AS (
-    UPDATE accounts a SET held = a.held - f.amount, updated_at = now()
+    UPDATE accounts a
+    SET held = a.held - CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END, updated_at = now(),
+        {raising_set("a.balance - a.held + CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END", prefix="a.")}
     FROM freed f
-    WHERE a.user_id = %(user_id)s AND f.parent_id IS NULL
+    WHERE a.user_id = %(user_id)s AND (f.parent_id IS NULL OR %(events)s)
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.amount
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT t.user_id, t.last_event_seq, 'hold.released', {hold_data("h", ", 'released', t.amount")}, t.last_event_txid
+    FROM to_account t JOIN closed h ON h.id = %(hold_id)s
+    WHERE %(events)s
 ),
 remembered AS (
     INSERT INTO hold_requests (user_id, idempotency_key, request_hash, hold_id)
@@ -355,7 +438,19 @@ inserted AS (
            %(metadata)s, least(p.expires_at, statement_timestamp() + make_interval(secs => %(ttl_seconds)s)),
            %(idempotency_key)s, %(request_hash)s
     FROM parent p CROSS JOIN new_hold n
-    RETURNING id
+    RETURNING {HOLD_RETURNING}
+),
+-- A child reserves nothing new (held is unchanged): the account row is written only to number its event.
+numbered AS (
+    UPDATE accounts a SET last_event_seq = a.last_event_seq + 1, {txid_set("a.")}
+    FROM inserted i
+    WHERE a.user_id = %(user_id)s AND %(events)s
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT n.user_id, n.last_event_seq, 'hold.created', {hold_data("h")}, n.last_event_txid
+    FROM numbered n CROSS JOIN inserted h
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             WHEN i.id IS NOT NULL THEN 'applied'
@@ -444,4 +539,13 @@ ORDER BY 1, 2 NULLS FIRST
 # (accounts.held counts them), so they count here too.
 ACTIVE_HOLDS: LiteralString = """
 SELECT count(*), coalesce(sum(remaining), 0) FROM holds WHERE status = 'active'
+"""
+
+
+# For the dispatcher's sweeper: trees with an active hold whose lease ran out at least `delay` seconds ago
+# (requests see expiry exactly without a sweep; the sweep is what makes hold.expired appear in bounded time).
+DUE_TREES: LiteralString = """
+SELECT DISTINCT user_id, root_id FROM holds
+WHERE status = 'active' AND expires_at <= statement_timestamp() - make_interval(secs => %(delay)s)
+LIMIT %(limit)s
 """

@@ -11,6 +11,10 @@ batch is committing (up to `batch_max_size`) and applies them in one transaction
    (`balance - held`), exactly as the single-statement CHARGE would one after another;
 3. insert the accepted ledger rows and set each account's new balance and last_seq, set-based, and commit.
 
+The outbox rides in the same statement: each accepted charge's transaction.posted, and the balance.low
+crossings and balance.depleted refusals the plan found, numbered from the locked rows' last_event_seq exactly
+as the single-statement path would number them one charge after another.
+
 Both round trips are pipelined. A charge is acknowledged only after its batch commits. A charge that the
 batch cannot decide exactly (refused while its account has holds, whose expiry needs the sweep-and-retry
 of the single path) and every charge of a batch that fails for a reason other than the database being
@@ -35,6 +39,7 @@ from billing_service.errors import (
     IdempotencyKeyReused,
     InsufficientBalance,
 )
+from billing_service.events import config as events
 from billing_service.idempotency import posting_hash
 from billing_service.ledger import rules as ledger
 from billing_service.ledger import sql
@@ -52,6 +57,7 @@ class _Charge:
     # Filled in when planned: the ledger row this charge becomes.
     seq: int = 0
     balance_after: int = 0
+    event_seq: int = 0
     replay_of: _Charge | None = None
     fallback: bool = False
 
@@ -61,6 +67,20 @@ class _Account:
     balance: int
     held: int
     last_seq: int
+    last_event_seq: int
+    low_balance_threshold: int | None
+    low_balance_armed: bool
+    low_balance_event_seq: int | None
+    depleted_notified: bool
+    changed: bool = False
+
+
+@dataclass
+class _Event:
+    user_id: UUID
+    seq: int
+    type: str
+    data: str
 
 
 @dataclass
@@ -171,10 +191,11 @@ class ChargeBatcher:
                 await pipeline.sync()
                 accounts = {row[0]: _Account(*row[1:]) for row in await locked.fetchall()}
                 stored = {(row[0], row[1]): row[2:] for row in await existing.fetchall()}
-                planned = _plan(batch, accounts, stored, outcomes)
+                other_events: list[_Event] = []
+                planned = _plan(batch, accounts, stored, outcomes, other_events)
                 inserted = None
-                if planned:
-                    inserted = await conn.execute(sql.BATCH_APPLY, _apply_params(planned))
+                if planned or other_events:
+                    inserted = await conn.execute(sql.BATCH_APPLY, _apply_params(planned, accounts, other_events))
             await pipeline.sync()
             ids = {(row[0], row[1]): row[2] for row in await inserted.fetchall()} if inserted else {}
         for item in planned:
@@ -192,8 +213,10 @@ def _plan(
     accounts: dict[UUID, _Account],
     stored: dict[tuple[UUID, str], tuple[Any, ...]],
     outcomes: dict[int, ledger.Posted | BaseException | None],
+    other_events: list[_Event],
 ) -> list[_Charge]:
-    """Decide every charge in arrival order against the running balance. Returns the ones to post."""
+    """Decide every charge in arrival order against the running balance. Returns the ones to post, and
+    appends to `other_events` the balance.low and balance.depleted events the plan fires."""
     planned: list[_Charge] = []
     posted_keys: dict[tuple[UUID, str], _Charge] = {}
     for item in batch:
@@ -216,7 +239,12 @@ def _plan(
         elif account.balance - account.held >= item.amount:
             account.balance -= item.amount
             account.last_seq += 1
+            account.changed = True
             item.seq, item.balance_after = account.last_seq, account.balance
+            if events.enabled:
+                account.last_event_seq += 1
+                item.event_seq = account.last_event_seq
+                _check_threshold(item.user_id, account, other_events)
             planned.append(item)
             if key is not None:
                 posted_keys[key] = item
@@ -227,11 +255,53 @@ def _plan(
             outcomes[id(item)] = InsufficientBalance(
                 f"The available balance is {account.balance - account.held}; this charge needs {item.amount}."
             )
+            if events.enabled and not account.depleted_notified:
+                account.depleted_notified = account.changed = True
+                account.last_event_seq += 1
+                data = {"user_id": str(item.user_id), "operation": "charge", "requested": item.amount}
+                other_events.append(
+                    _Event(item.user_id, account.last_event_seq, "balance.depleted", _json(data, account))
+                )
     return planned
 
 
-def _apply_params(planned: list[_Charge]) -> dict[str, list[Any]]:
+def _json(data: dict[str, Any], account: _Account) -> str:
+    available = account.balance - account.held
+    return json.dumps({**data, "available": available, "balance": account.balance, "held": account.held})
+
+
+def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event]) -> None:
+    """The same rule as events/sql.py `lowering_set`, for one debit already applied to `account`."""
+    threshold = account.low_balance_threshold
+    if threshold is None:
+        return
+    available = account.balance - account.held
+    if account.low_balance_armed and available < threshold:
+        account.low_balance_armed = False
+        account.last_event_seq += 1
+        account.low_balance_event_seq = account.last_event_seq
+        data = {"user_id": str(user_id), "threshold": threshold}
+        other_events.append(_Event(user_id, account.last_event_seq, "balance.low", _json(data, account)))
+    elif available >= threshold:
+        account.low_balance_armed = True
+
+
+def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_events: list[_Event]) -> dict[str, Any]:
+    changed = [(user_id, account) for user_id, account in accounts.items() if account.changed]
     return {
+        "events": events.enabled,
+        "event_seqs": [item.event_seq for item in planned],
+        "event_user_ids": [event.user_id for event in other_events],
+        "event_seqs_other": [event.seq for event in other_events],
+        "event_types": [event.type for event in other_events],
+        "event_data": [event.data for event in other_events],
+        "account_ids": [user_id for user_id, _ in changed],
+        "account_balances": [account.balance for _, account in changed],
+        "account_last_seqs": [account.last_seq for _, account in changed],
+        "account_last_event_seqs": [account.last_event_seq for _, account in changed],
+        "account_armed": [account.low_balance_armed for _, account in changed],
+        "account_low_event_seqs": [account.low_balance_event_seq for _, account in changed],
+        "account_depleted": [account.depleted_notified for _, account in changed],
         "user_ids": [item.user_id for item in planned],
         "seqs": [item.seq for item in planned],
         "amounts": [item.amount for item in planned],

@@ -24,6 +24,8 @@ from billing_service.ledger import rules as ledger
 from billing_service.ledger.batcher import ChargeBatcher
 from billing_service.ledger.schemas import (
     AccountResponse,
+    AccountSettingsRequest,
+    AccountSettingsResponse,
     BalanceResponse,
     LedgerRequest,
     OpenAccountRequest,
@@ -155,14 +157,36 @@ async def open_account(
     body: OpenAccountRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Open an account with balance 0; 200 with its current state if it is already open."""
+    threshold = (
+        {"low_balance_threshold": body.low_balance_threshold}
+        if "low_balance_threshold" in body.model_fields_set
+        else {}
+    )
     account, created, replayed = await ledger.open_account(
-        _pool(request), user_id=body.user_id, idempotency_key=idempotency_key
+        _pool(request), user_id=body.user_id, idempotency_key=idempotency_key, **threshold
     )
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     return JSONResponse(
         {"user_id": str(account.user_id), "balance": account.balance},
         status_code=201 if created else 200,
         headers=headers,
+    )
+
+
+@router.patch("/accounts/{user_id}", response_model=AccountSettingsResponse, responses=_errors(404, 413, 415))
+async def update_account(
+    user_id: UUID, body: AccountSettingsRequest, request: Request, _: ServiceCaller
+) -> AccountSettingsResponse:
+    """Set the account's low-balance threshold (null: no alert). A new threshold re-arms balance.low."""
+    updated = await ledger.set_low_balance_threshold(
+        _pool(request), user_id=user_id, threshold=body.low_balance_threshold
+    )
+    return AccountSettingsResponse(
+        user_id=user_id,
+        balance=updated.balance,
+        held=updated.held,
+        available=updated.balance - updated.held,
+        low_balance_threshold=updated.low_balance_threshold,
     )
 
 

@@ -28,6 +28,8 @@ from billing_service.errors import (
     InsufficientBalance,
     InvalidRequest,
 )
+from billing_service.events import config as events
+from billing_service.events.rules import notify_depleted
 from billing_service.holds.rules import release_expired_holds
 from billing_service.idempotency import posting_hash
 from billing_service.ledger import sql
@@ -70,7 +72,8 @@ async def _post(
     description: str,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
-) -> tuple[str, Posted]:
+) -> tuple[str, Posted, bool | None]:
+    """(outcome, what was posted, and for a refusal whether balance.depleted was already notified)."""
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
     digest = (
         posting_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
@@ -84,11 +87,14 @@ async def _post(
         "metadata": Jsonb(metadata) if metadata is not None else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest,
+        "events": events.enabled,
+        "default_threshold": events.default_threshold,
     }
+    depleted_notified = None
     async with pool.connection() as conn:
         try:
             cursor = await conn.execute(statement, params)
-            outcome, transaction_id, balance, stored_hash = await cursor.fetchone() or (None, None, None, None)
+            outcome, transaction_id, balance, stored_hash, depleted_notified = await cursor.fetchone() or (None,) * 5
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "transactions_idempotency_key_unique":
                 raise
@@ -105,11 +111,12 @@ async def _post(
             # predates its key, and its debit made our re-checked balance too low. Its answer is the
             # replay, not a 402; its row is visible to this new statement.
             cursor = await conn.execute(sql.IDEMPOTENT_REPLAY, params)
-            if (row := await cursor.fetchone()) is not None:
-                outcome, (transaction_id, balance, stored_hash) = "replayed", row
+            if (replay := await cursor.fetchone()) is not None:
+                outcome, (transaction_id, balance, stored_hash) = "replayed", replay
     if outcome == "replayed" and bytes(stored_hash) != digest:
         raise IdempotencyKeyReused()
-    return outcome, Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
+    posted = Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
+    return outcome, posted, depleted_notified
 
 
 async def charge(
@@ -133,14 +140,17 @@ async def charge(
         metadata=metadata,
         idempotency_key=idempotency_key,
     )
-    outcome, posted = await post()
+    outcome, posted, depleted_notified = await post()
     if outcome == "account_not_found":
         # The seed answers an unknown user on a charge with 402, like a lack of funds.
         raise AccountNotFound(status_code=402)
     if outcome == "insufficient_balance" and await release_expired_holds(pool, user_id=user_id):
         # Expired holds still counted in `held` until now: with them released, try exactly once more.
-        outcome, posted = await post()
+        outcome, posted, depleted_notified = await post()
     if outcome == "insufficient_balance":
+        if depleted_notified is False and events.enabled:
+            # The rare refusal path, never the charge statement: balance.depleted, once until the next credit.
+            await notify_depleted(pool, user_id=user_id, amount=amount, operation="charge")
         raise InsufficientBalance(f"The available balance is {posted.balance}; this charge needs {amount}.")
     return posted
 
@@ -155,7 +165,7 @@ async def credit(
     idempotency_key: str | None = None,
 ) -> Posted:
     """Credit `amount`, opening the account if this is its first transaction."""
-    _, posted = await _post(
+    _, posted, _ = await _post(
         pool,
         sql.CREDIT,
         "credit",
@@ -168,12 +178,26 @@ async def credit(
     return posted
 
 
+_DEFAULT = object()
+
+
 async def open_account(
-    pool: AsyncConnectionPool, *, user_id: UUID, idempotency_key: str | None = None
+    pool: AsyncConnectionPool,
+    *,
+    user_id: UUID,
+    idempotency_key: str | None = None,
+    low_balance_threshold: int | None | object = _DEFAULT,
 ) -> tuple[Account, bool, bool]:
-    """Open an account with balance 0. Returns (account, created, replayed)."""
+    """Open an account with balance 0. Returns (account, created, replayed).
+
+    Without `low_balance_threshold` the account gets the service's default (BILLING_LOW_BALANCE_THRESHOLD);
+    None means no low-balance alert."""
+    threshold = events.default_threshold if low_balance_threshold is _DEFAULT else low_balance_threshold
     async with pool.connection() as conn:
-        cursor = await conn.execute(sql.OPEN_ACCOUNT, {"user_id": user_id, "idempotency_key": idempotency_key})
+        cursor = await conn.execute(
+            sql.OPEN_ACCOUNT,
+            {"user_id": user_id, "idempotency_key": idempotency_key, "low_balance_threshold": threshold},
+        )
         created = await cursor.fetchone()
         if created is not None:
             return Account(user_id=user_id, balance=created[0]), True, False
@@ -185,6 +209,24 @@ async def open_account(
     balance, opened_with_key = row
     replayed = idempotency_key is not None and opened_with_key == idempotency_key
     return Account(user_id=user_id, balance=balance), False, replayed
+
+
+@dataclass(frozen=True)
+class Threshold:
+    user_id: UUID
+    balance: int
+    held: int
+    low_balance_threshold: int | None
+
+
+async def set_low_balance_threshold(pool: AsyncConnectionPool, *, user_id: UUID, threshold: int | None) -> Threshold:
+    """Set (or, with None, remove) the account's low-balance threshold; re-arms the alert."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.SET_THRESHOLD, {"user_id": user_id, "low_balance_threshold": threshold})
+        row = await cursor.fetchone()
+    if row is None:
+        raise AccountNotFound()
+    return Threshold(*row)
 
 
 @dataclass(frozen=True)

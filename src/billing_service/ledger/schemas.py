@@ -66,8 +66,29 @@ class LedgerRequest(Strict):
     metadata: Metadata = None
 
 
+Threshold = Annotated[
+    StrictInt | None,
+    Field(ge=0, le=MAX_AMOUNT, description="balance.low fires when available falls below it; null: no alert."),
+]
+
+
 class OpenAccountRequest(Strict):
     user_id: UUID
+    low_balance_threshold: Threshold = Field(
+        default=None, description="Absent: the service's default (BILLING_LOW_BALANCE_THRESHOLD); null: no alert."
+    )
+
+
+class AccountSettingsRequest(Strict):
+    low_balance_threshold: Threshold
+
+
+class AccountSettingsResponse(BaseModel):
+    user_id: UUID
+    balance: int
+    held: int
+    available: int
+    low_balance_threshold: int | None
 
 
 class PostedResponse(BaseModel):

@@ -8,6 +8,16 @@ its row commit together or not at all, and no balance is ever read and then writ
 from collections.abc import Iterable
 from typing import LiteralString
 
+from billing_service.events.sql import (
+    ACCOUNT_RETURNING,
+    EVENT_COLUMNS,
+    LEDGER_RETURNING,
+    POSTED_DATA,
+    low_event,
+    lowering_set,
+    raising_set,
+)
+
 # The idempotency key, if any, already used by this user. Compared with the request's hash in Python.
 EXISTING_TRANSACTION = """
     existing AS (
@@ -27,19 +37,29 @@ CHARGE: LiteralString = f"""
 WITH {EXISTING_TRANSACTION},
 debited AS (
     UPDATE accounts
-    SET balance = balance - %(amount)s, last_seq = last_seq + 1, updated_at = now()
+    SET balance = balance - %(amount)s, last_seq = last_seq + 1, updated_at = now(),
+        {lowering_set("balance - held - %(amount)s")}
     WHERE user_id = %(user_id)s
       -- Draws on available, not balance: tokens held for running agents are not for plain charges.
       AND balance - held >= %(amount)s
       AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING user_id, balance, last_seq
+    RETURNING user_id, last_seq, {ACCOUNT_RETURNING}
 ),
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
     SELECT user_id, last_seq, 'debit', -%(amount)s, balance, %(description)s, %(metadata)s,
            %(idempotency_key)s, %(request_hash)s
     FROM debited
-    RETURNING id, balance_after
+    RETURNING {LEDGER_RETURNING}
+),
+-- The outbox, in the same statement: the ledger row's transaction.posted, and balance.low if this crossed.
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT d.user_id, d.last_event_seq - d.crossed::int, 'transaction.posted', {POSTED_DATA}, d.last_event_txid
+    FROM debited d CROSS JOIN inserted i
+    WHERE %(events)s
+    UNION ALL
+    {low_event("debited")}
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             WHEN i.id IS NOT NULL THEN 'applied'
@@ -47,35 +67,47 @@ SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             ELSE 'insufficient_balance' END AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after, a.balance - a.held) AS balance,
-       e.request_hash
+       e.request_hash,
+       a.depleted_notified
 FROM (VALUES (1)) AS one
 LEFT JOIN existing e ON true
 LEFT JOIN inserted i ON true
 LEFT JOIN accounts a ON a.user_id = %(user_id)s
 """
 
-# Credit: opens the account on first use. ON CONFLICT takes the row lock, so credits serialise like debits.
+# Credit: opens the account on first use (with the service's default low-balance threshold). ON CONFLICT takes
+# the row lock, so credits serialise like debits. A credit re-arms balance.low and balance.depleted.
 CREDIT: LiteralString = f"""
 WITH {EXISTING_TRANSACTION},
 credited AS (
-    INSERT INTO accounts AS a (user_id, balance, last_seq)
-    SELECT %(user_id)s, %(amount)s, 1
+    INSERT INTO accounts AS a (user_id, balance, last_seq, last_event_seq, last_event_txid, low_balance_threshold)
+    SELECT %(user_id)s, %(amount)s, 1, CASE WHEN %(events)s THEN 1 ELSE 0 END,
+           CASE WHEN %(events)s THEN pg_current_xact_id() ELSE '0'::xid8 END, %(default_threshold)s::bigint
     WHERE NOT EXISTS (SELECT 1 FROM existing)
     ON CONFLICT (user_id) DO UPDATE
-    SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now()
-    RETURNING user_id, balance, last_seq
+    SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now(),
+        depleted_notified = false,
+        {raising_set("a.balance + excluded.balance - a.held", prefix="a.")}
+    RETURNING user_id, balance, last_seq, last_event_seq, last_event_txid
 ),
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
     SELECT user_id, last_seq, 'credit', %(amount)s, balance, %(description)s, %(metadata)s,
            %(idempotency_key)s, %(request_hash)s
     FROM credited
-    RETURNING id, balance_after
+    RETURNING {LEDGER_RETURNING}
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT c.user_id, c.last_event_seq, 'transaction.posted', {POSTED_DATA}, c.last_event_txid
+    FROM credited c CROSS JOIN inserted i
+    WHERE %(events)s
 )
 SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' ELSE 'applied' END AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after) AS balance,
-       e.request_hash
+       e.request_hash,
+       NULL::boolean AS depleted_notified
 FROM (VALUES (1)) AS one
 LEFT JOIN existing e ON true
 LEFT JOIN inserted i ON true
@@ -89,14 +121,22 @@ WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
 """
 
 OPEN_ACCOUNT: LiteralString = """
-INSERT INTO accounts (user_id, open_idempotency_key)
-VALUES (%(user_id)s, %(idempotency_key)s)
+INSERT INTO accounts (user_id, open_idempotency_key, low_balance_threshold)
+VALUES (%(user_id)s, %(idempotency_key)s, %(low_balance_threshold)s)
 ON CONFLICT (user_id) DO NOTHING
 RETURNING balance
 """
 
 ACCOUNT: LiteralString = """
 SELECT balance, open_idempotency_key FROM accounts WHERE user_id = %(user_id)s
+"""
+
+# A new threshold re-arms the alert: the next debit below it fires.
+SET_THRESHOLD: LiteralString = """
+UPDATE accounts
+SET low_balance_threshold = %(low_balance_threshold)s, low_balance_armed = true, updated_at = now()
+WHERE user_id = %(user_id)s
+RETURNING user_id, balance, held, low_balance_threshold
 """
 
 BALANCE: LiteralString = """
@@ -247,7 +287,8 @@ def filtered_history(base: LiteralString, filters: Iterable[str]) -> LiteralStri
 
 # Sorted, so every batch takes its locks in the same order and two batches can never deadlock.
 BATCH_LOCK_ACCOUNTS: LiteralString = """
-SELECT user_id, balance, held, last_seq
+SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed,
+       low_balance_event_seq, depleted_notified
 FROM accounts
 WHERE user_id = ANY(%(user_ids)s)
 ORDER BY user_id
@@ -261,15 +302,17 @@ FROM unnest(%(user_ids)s::uuid[], %(idempotency_keys)s::text[]) AS k(user_id, id
 JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key
 """
 
-# The plan was computed from the locked rows, so setting the final balance and seq is exact; the CHECK
-# constraints and `billing audit` would catch a plan that broke the chain.
-BATCH_APPLY: LiteralString = """
+# The plan was computed from the locked rows, so setting each account's final state is exact; the CHECK
+# constraints and `billing audit` would catch a plan that broke the chain. The outbox rides along: each ledger
+# row's transaction.posted (at the event seq the plan gave it), and the plan's other events (balance.low
+# crossings, balance.depleted), in the same statement.
+BATCH_APPLY: LiteralString = f"""
 WITH planned AS (
     SELECT *
     FROM unnest(%(user_ids)s::uuid[], %(seqs)s::bigint[], %(amounts)s::bigint[], %(balances_after)s::bigint[],
                 %(descriptions)s::text[], %(metadata)s::text[], %(idempotency_keys)s::text[],
-                %(request_hashes)s::bytea[])
-         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash)
+                %(request_hashes)s::bytea[], %(event_seqs)s::bigint[])
+         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq)
 ),
 inserted AS (
     INSERT INTO transactions
@@ -278,16 +321,33 @@ inserted AS (
            request_hash
     FROM planned
     ORDER BY user_id, seq
-    RETURNING user_id, seq, id
+    RETURNING {LEDGER_RETURNING}, seq
 ),
-newest AS (
-    SELECT DISTINCT ON (user_id) user_id, seq, balance_after FROM planned ORDER BY user_id, seq DESC
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
+           greatest(a.last_event_txid, pg_current_xact_id())
+    FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
+    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
+    WHERE %(events)s
+    UNION ALL
+    SELECT e.user_id, e.seq, e.type, e.data::json, greatest(a.last_event_txid, pg_current_xact_id())
+    FROM unnest(%(event_user_ids)s::uuid[], %(event_seqs_other)s::bigint[], %(event_types)s::text[],
+                %(event_data)s::text[]) AS e(user_id, seq, type, data)
+    JOIN accounts a ON a.user_id = e.user_id
 ),
 updated AS (
     UPDATE accounts a
-    SET balance = n.balance_after, last_seq = n.seq, updated_at = now()
-    FROM newest n
-    WHERE a.user_id = n.user_id
+    SET balance = s.balance, last_seq = s.last_seq, last_event_seq = s.last_event_seq,
+        low_balance_armed = s.armed, low_balance_event_seq = s.low_event_seq, depleted_notified = s.depleted,
+        last_event_txid = CASE WHEN %(events)s THEN greatest(a.last_event_txid, pg_current_xact_id())
+                               ELSE a.last_event_txid END,
+        updated_at = now()
+    FROM unnest(%(account_ids)s::uuid[], %(account_balances)s::bigint[], %(account_last_seqs)s::bigint[],
+                %(account_last_event_seqs)s::bigint[], %(account_armed)s::boolean[],
+                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[])
+         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted)
+    WHERE a.user_id = s.user_id
 )
 SELECT user_id, seq, id FROM inserted
 """

@@ -36,8 +36,8 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from billing_client import AsyncBillingClient, InsufficientBalance, RetryPolicy, ServiceUnavailable
 
+from billing_client import AsyncBillingClient, InsufficientBalance, RetryPolicy, ServiceUnavailable
 from conftest import SERVICE_TOKEN, LiveServer, free_port, start_server, stop_server
 
 from .helpers import ClientLog, ledger_violations, merge, model_violations, run_audit
@@ -216,7 +216,9 @@ def test_without_its_standby_the_primary_acknowledges_no_write(failover_server, 
     # Which of the refused writes are nonetheless in the primary's ledger: committed locally, never acknowledged.
     sent = phase_a + phase_b
     with psycopg.connect(pair.node_url(pair.primary_port, DATABASE), autocommit=True) as conn:
-        local = {row[0] for row in conn.execute("SELECT idempotency_key FROM transactions WHERE idempotency_key IS NOT NULL")}
+        local = {
+            row[0] for row in conn.execute("SELECT idempotency_key FROM transactions WHERE idempotency_key IS NOT NULL")
+        }
     pair.run("start-standby")
     pair.run("sync")
 
@@ -381,9 +383,10 @@ def test_failover_to_the_synchronous_standby_loses_no_acknowledged_write(failove
     lost = [v for v in model if "in the ledger 0 times" in v]
     doubled = [v for v in model if "times" in v and "0 times" not in v]
     print(
-        f"\nfailover: {log.requests} SDK calls, {len(log.acked)} acknowledged writes ({in_ledger[0] if in_ledger else 0}"
-        f" rows on the new primary); {len(spanning)} calls in flight at the kill, {len(load.gave_up)} given up by the"
-        f" SDK and retried; 5xx answers on the way {codes}; acknowledged writes lost {len(lost)}, double {len(doubled)};"
+        f"\nfailover: {log.requests} SDK calls, {len(log.acked)} acknowledged writes (with the funding;"
+        f" {in_ledger[0] if in_ledger else 0} rows on the new primary); {len(spanning)} calls in flight at the kill,"
+        f" {len(load.gave_up)} given up by the SDK and retried; 5xx answers on the way {codes};"
+        f" acknowledged writes lost {len(lost)}, double {len(doubled)};"
         f" first success {first_success:.2f} s after the kill (promotion at"
         f" {marks['promote'] - kill:.2f} s, first success {first_after_promote - marks['promote']:.2f} s after it)"
     )

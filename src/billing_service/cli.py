@@ -42,6 +42,8 @@ def _fail(message: str) -> typer.Exit:
 def _database_url(settings: Settings) -> str:
     try:
         return db.resolve_database_url(settings)
+    except db.DatabaseNotReady as exc:  # a malformed DATABASE_URL
+        raise _fail(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any failure to start embedded PostgreSQL is fatal here
         raise _fail(f"could not start the embedded PostgreSQL in {settings.data_dir}: {exc}") from exc
 

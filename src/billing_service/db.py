@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import create_engine, pool, text
 
+from billing_service.errors import CommitNotReplicated
 from billing_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,31 +54,71 @@ def start_embedded(data_dir: Path) -> str:
     return uri
 
 
-def resolve_database_url(settings: Settings) -> str:
-    if settings.database_url is not None:
-        return settings.database_url
-    return start_embedded(settings.data_dir)
+_TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
 
 
-def _sqlalchemy_url(url: str) -> str:
-    # Alembic speaks SQLAlchemy; point it at psycopg 3 with the same libpq URL.
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
+def check_database_url(url: str) -> str:
+    """Refuse, with a message an operator can act on, a DATABASE_URL libpq would refuse or misread.
+
+    Accepts both libpq forms: `postgresql://u@h1:p1,h2:p2/db?target_session_attrs=read-write` and
+    `host=h1,h2 port=p1,p2 dbname=db target_session_attrs=read-write`. Returns the URL unchanged.
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparseable"
+        raise DatabaseNotReady(f"DATABASE_URL is not a valid libpq connection string: {message}") from exc
+    hosts = str(params.get("host") or "").split(",")
+    for name in ("port", "hostaddr"):
+        values = str(params.get(name) or "").split(",")
+        if params.get(name) and len(values) not in (1, len(hosts)):
+            raise DatabaseNotReady(
+                f"DATABASE_URL lists {len(hosts)} host(s) but {len(values)} {name} values: give one {name} for "
+                f"all hosts or one per host, in the same order"
+            )
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise DatabaseNotReady(f"DATABASE_URL has an invalid port {port!r}")
+    if len(hosts) > 1 and any(not host for host in hosts):
+        raise DatabaseNotReady("DATABASE_URL lists an empty host between commas")
+    attrs = params.get("target_session_attrs")
+    if attrs is not None and attrs not in _TARGET_SESSION_ATTRS:
+        raise DatabaseNotReady(
+            f"DATABASE_URL has target_session_attrs={attrs!r}; use one of {', '.join(_TARGET_SESSION_ATTRS)}"
+        )
+    if len(hosts) > 1 and attrs in (None, "any"):
+        log.warning(
+            "DATABASE_URL lists %d hosts without target_session_attrs=read-write: after a failover the pool may "
+            "connect to a read-only standby",
+            len(hosts),
+        )
     return url
 
 
-def _alembic_config(url: str) -> Config:
+def resolve_database_url(settings: Settings) -> str:
+    if settings.database_url is not None:
+        return check_database_url(settings.database_url)
+    return start_embedded(settings.data_dir)
+
+
+def _engine(url: str) -> Any:
+    # Alembic speaks SQLAlchemy. SQLAlchemy's own URL parser cannot read libpq's multi-host URLs or the
+    # keyword form, so psycopg (that is, libpq) parses the URL and SQLAlchemy only gets the connection.
+    return create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(url, connect_timeout=5), poolclass=pool.NullPool
+    )
+
+
+def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
     return config
 
 
 def migrate(url: str) -> None:
     """Bring the schema to head. Safe to run from many processes at once: an advisory lock serialises them."""
-    config = _alembic_config(url)
-    engine = create_engine(_sqlalchemy_url(url), poolclass=pool.NullPool)
+    config = _alembic_config()
+    engine = _engine(url)
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
@@ -91,8 +137,8 @@ def migrate(url: str) -> None:
 
 def pending_migrations(url: str) -> list[str]:
     """Revisions the code has and the database lacks; empty when the schema is current."""
-    script = ScriptDirectory.from_config(_alembic_config(url))
-    engine = create_engine(_sqlalchemy_url(url), poolclass=pool.NullPool)
+    script = ScriptDirectory.from_config(_alembic_config())
+    engine = _engine(url)
     try:
         with engine.connect() as connection:
             current = set(MigrationContext.configure(connection).get_current_heads())
@@ -117,8 +163,76 @@ RECONNECT_CHAIN_SECONDS = 2.0
 UNREACHABLE_WAIT_SECONDS = 0.25
 
 
+# The warning PostgreSQL sends, instead of an error, when a commit's wait for the synchronous standby is cancelled
+# (a cancel request, pg_cancel_backend, pg_terminate_backend, a client that went away): the transaction "has
+# already committed locally, but might not have been replicated to the standby". The statement then succeeds.
+_SYNC_REPLICATION_SIGNS = ("synchronous replication", "committed locally")
+
+
+def _is_unreplicated_commit(diag: psycopg.errors.Diagnostic) -> bool:
+    text = f"{diag.message_primary or ''} {diag.message_detail or ''}"
+    return diag.severity_nonlocalized == "WARNING" and any(sign in text for sign in _SYNC_REPLICATION_SIGNS)
+
+
+class BillingConnection(psycopg.AsyncConnection[Any]):
+    """A pool connection that remembers a commit PostgreSQL could not replicate, and bounds every round trip.
+
+    `unreplicated` is set by a notice handler (installed by the pool's `configure`) when the server warns that
+    a commit's wait for the synchronous standby was cancelled. `round_trip_limit`: PostgreSQL's
+    statement_timeout does not cover that wait (it is disarmed before the commit), so with the standby gone a
+    commit would hang forever. After this many seconds the round trip is cancelled (psycopg sends a cancel
+    request and drains the answer): a commit waiting for the standby then ends with the warning, and raises
+    CommitNotReplicated; anything else raises QueryCanceled (a 503 database_unavailable).
+    """
+
+    unreplicated: bool = False
+    round_trip_limit: float | None = None
+
+    async def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        if self.round_trip_limit is None:
+            return await super().wait(gen, interval, timeout)
+        try:
+            async with asyncio.timeout(self.round_trip_limit):
+                return await super().wait(gen, interval, timeout)
+        except TimeoutError as exc:
+            if self.unreplicated:
+                raise CommitNotReplicated() from exc
+            raise psycopg.errors.QueryCanceled(
+                f"no answer from PostgreSQL within {self.round_trip_limit:.1f} s; the statement was cancelled"
+            ) from exc
+
+
+def _watch_replication(conn: BillingConnection) -> None:
+    ref = weakref.ref(conn)
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if _is_unreplicated_commit(diag) and (watched := ref()) is not None:
+            watched.unreplicated = True
+            log.error(
+                "a commit was not confirmed by the synchronous standby: %s %s",
+                diag.message_primary,
+                diag.message_detail or "",
+            )
+
+    conn.add_notice_handler(on_notice)
+
+
+# The replication barrier: a transactional WAL record, so its commit waits for the synchronous standby like any
+# write. It commits after everything already committed on this server, so once it returns without the warning,
+# every earlier commit has reached the standby. Needs no privilege and touches no table.
+REPLICATION_BARRIER = "SELECT pg_logical_emit_message(true, 'billing_service', 'replication barrier')"
+
+
+async def confirm_replicated(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Before acknowledging a write this request did not make (an idempotent replay): make sure it is on the
+    synchronous standby. An earlier attempt may have committed it only locally (and got commit_not_replicated);
+    a replay must not turn that into a 200. Raises CommitNotReplicated (at the pool) if the barrier is not."""
+    await conn.execute(REPLICATION_BARRIER)
+
+
 class BillingPool(AsyncConnectionPool):
-    """An AsyncConnectionPool that fails fast while the database is down and notices its return at once."""
+    """An AsyncConnectionPool that fails fast while the database is down and notices its return at once,
+    and never lets a request acknowledge a commit the synchronous standby did not confirm."""
 
     unreachable = False
 
@@ -127,12 +241,41 @@ class BillingPool(AsyncConnectionPool):
             timeout = min(timeout if timeout is not None else self.timeout, UNREACHABLE_WAIT_SECONDS)
         return await super().getconn(timeout)
 
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:  # noqa: ASYNC109
+        """Every user of the pool (ledger, holds, batcher, CLI) gets its connection through here. When the block
+        ends and the connection saw a commit the standby did not confirm, the connection is discarded and
+        CommitNotReplicated raised, whatever the block returned: the request answers 503, never 2xx. The routes
+        build their responses after their `async with pool.connection()` blocks, so this runs first."""
+        async with super().connection(timeout) as pooled:
+            conn = cast(BillingConnection, pooled)
+            conn.unreplicated = False
+            try:
+                yield conn
+            except BaseException as exc:
+                if conn.unreplicated:
+                    await conn.close()  # the pool replaces a closed connection
+                    if isinstance(exc, Exception) and not isinstance(exc, CommitNotReplicated):
+                        raise CommitNotReplicated() from exc
+                raise
+            if conn.unreplicated:
+                await conn.close()
+                raise CommitNotReplicated()
+
 
 def create_pool(url: str, settings: Settings, **kwargs: Any) -> AsyncConnectionPool:
     """The request path's pool: autocommit, so each ledger statement is its own transaction and one round trip."""
     options = f"-c statement_timeout={settings.statement_timeout_ms}"
+    round_trip_limit = (
+        (settings.statement_timeout_ms + settings.replication_wait_ms) / 1000
+        if settings.statement_timeout_ms > 0
+        else None
+    )
 
-    async def reachable(_: psycopg.AsyncConnection[Any]) -> None:
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        assert isinstance(conn, BillingConnection)
+        conn.round_trip_limit = round_trip_limit
+        _watch_replication(conn)
         billing_pool.unreachable = False
 
     def unreachable(_: AsyncConnectionPool) -> None:
@@ -140,6 +283,7 @@ def create_pool(url: str, settings: Settings, **kwargs: Any) -> AsyncConnectionP
 
     billing_pool = BillingPool(
         url,
+        connection_class=BillingConnection,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         timeout=settings.pool_timeout,
@@ -149,7 +293,7 @@ def create_pool(url: str, settings: Settings, **kwargs: Any) -> AsyncConnectionP
         # A broken connection (database restarted) is noticed on return and replaced in the background.
         reconnect_timeout=RECONNECT_CHAIN_SECONDS,
         reconnect_failed=unreachable,
-        configure=reachable,
+        configure=configure,
         **kwargs,
     )
     return billing_pool

@@ -17,7 +17,8 @@ BillingError
 │                               webhook_url_invalid / webhook_url_not_allowed (SSRF) / invalid_replay / ...
 ├── BalanceLimitExceeded    422 balance_limit_exceeded
 ├── PayloadTooLarge         413 payload_too_large
-└── DatabaseUnavailable     503 database_unavailable (with Retry-After)
+├── DatabaseUnavailable     503 database_unavailable (with Retry-After)
+└── CommitNotReplicated     503 commit_not_replicated (with Retry-After; also a psycopg.OperationalError)
 
 Domain code raises these; `install_error_handlers` turns them, and FastAPI's own validation and HTTP
 errors, into `{"detail": ..., "code": ...}`. Anything else is a bug: 500 internal_error, same shape.
@@ -149,6 +150,29 @@ class DatabaseUnavailable(BillingError):
     status_code = 503
     code = "database_unavailable"
     detail = "The database is unavailable; retry shortly."
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class CommitNotReplicated(BillingError, psycopg.OperationalError):
+    """PostgreSQL committed the write locally but the synchronous standby never confirmed it (the wait for it
+    was cancelled: the standby is gone, or the wait was interrupted). PostgreSQL reports that with a warning,
+    not an error, so `db.BillingPool` watches for it. Not acknowledged: after a failover the write may not exist.
+    The client retries with the same Idempotency-Key: it replays once the write is replicated, and posts it
+    afresh if a failover lost it.
+
+    Also a psycopg.OperationalError, so every handler of a lost database (the batcher's among them) treats it
+    as one: nothing is acknowledged and nothing is retried on another path. FastAPI's handler lookup follows
+    the MRO, so it answers as a BillingError, with its own code.
+    """
+
+    status_code = 503
+    code = "commit_not_replicated"
+    detail = (
+        "The write committed on the primary but its synchronous standby did not confirm it; it is not "
+        "acknowledged. Retry with the same Idempotency-Key."
+    )
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}

@@ -12,6 +12,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_POOL_MAX_SIZE      | connections each worker may open (16)                                 |
 | BILLING_POOL_TIMEOUT       | seconds to wait for a free connection before a 503 (3)                |
 | BILLING_STATEMENT_TIMEOUT_MS | PostgreSQL statement_timeout for request statements (5000)          |
+| BILLING_REPLICATION_WAIT_MS | beyond statement_timeout, the longest a commit waits for a sync standby (5000) |
 | BILLING_MAX_BODY_BYTES     | request bodies above this get 413 (65536)                             |
 | BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
 | BILLING_BATCH_MAX_SIZE     | most charges in one batch (256)                                       |
@@ -58,6 +59,8 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(default=16, ge=1)
     pool_timeout: float = Field(default=3.0, gt=0)
     statement_timeout_ms: int = Field(default=5000, ge=0)
+    # statement_timeout does not cover a commit's wait for the synchronous standby; this bounds it (client side).
+    replication_wait_ms: int = Field(default=5000, ge=100)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     log_format: str | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

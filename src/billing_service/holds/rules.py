@@ -23,6 +23,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.db import confirm_replicated
 from billing_service.errors import (
     AccountNotFound,
     BillingError,
@@ -207,6 +208,8 @@ async def create_hold(
     if outcome == "replayed":
         _check_replay(stored_hash, digest)
     async with pool.connection() as conn:
+        if outcome == "replayed":
+            await confirm_replicated(conn)  # see ledger.rules._post: a replay is an acknowledgement too
         return await _read_hold(conn, hold_id), outcome == "replayed"
 
 

@@ -32,6 +32,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.db import confirm_replicated
 from billing_service.errors import (
     DATABASE_DOWN,
     AccountNotFound,
@@ -198,6 +199,10 @@ class ChargeBatcher:
                     inserted = await conn.execute(sql.BATCH_APPLY, _apply_params(planned, accounts, other_events))
             await pipeline.sync()
             ids = {(row[0], row[1]): row[2] for row in await inserted.fetchall()} if inserted else {}
+            if stored and inserted is None:
+                # Only replays, and nothing written whose commit would have waited for the synchronous
+                # standby: an earlier attempt may have committed only locally (see ledger.rules._post).
+                await confirm_replicated(conn)
         for item in planned:
             outcomes[id(item)] = ledger.Posted(ids[(item.user_id, item.seq)], item.balance_after)
         for item in batch:

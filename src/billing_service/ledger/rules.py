@@ -20,6 +20,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.db import confirm_replicated
 from billing_service.errors import (
     AccountNotFound,
     BalanceLimitExceeded,
@@ -113,6 +114,10 @@ async def _post(
             cursor = await conn.execute(sql.IDEMPOTENT_REPLAY, params)
             if (replay := await cursor.fetchone()) is not None:
                 outcome, (transaction_id, balance, stored_hash) = "replayed", replay
+        if outcome == "replayed":
+            # The first attempt may have committed only locally (503 commit_not_replicated): not a 200 until
+            # the synchronous standby has it.
+            await confirm_replicated(conn)
     if outcome == "replayed" and bytes(stored_hash) != digest:
         raise IdempotencyKeyReused()
     posted = Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
@@ -204,6 +209,7 @@ async def open_account(
         # Already open (possibly by a concurrent twin that committed after our snapshot): read it fresh.
         cursor = await conn.execute(sql.ACCOUNT, {"user_id": user_id})
         row = await cursor.fetchone()
+        await confirm_replicated(conn)  # the opening we report may be one the standby never confirmed
     if row is None:  # pragma: no cover - accounts are never deleted
         raise IdempotencyConflict()
     balance, opened_with_key = row

@@ -1,0 +1,276 @@
+"""A model-based test: random sequences of API calls against a running `billing serve`, each answer checked
+against an in-memory model of the ledger.
+
+The state machine credits, charges (with and without an Idempotency-Key), replays earlier keyed requests
+(same body: the same answer and `Idempotent-Replayed: true`; another body: 422 `idempotency_key_reused`),
+opens accounts, creates, captures (sometimes `final`) and releases holds, and reads balances and histories.
+A few users with small amounts, so refusals (402) and hold conflicts (409) happen often. Holds live an hour,
+so none expires during a run and the model stays deterministic.
+
+Each example uses fresh user ids, so examples (and the rest of the suite) never see each other's money.
+
+Reproducing a failure: Hypothesis prints the failing steps and a `@reproduce_failure(...)` blob
+(`print_blob=True`); paste the blob as a decorator on `run` below, or run with a fixed seed:
+`pytest tests/test_model.py --hypothesis-seed=<n>` (the seed is printed with -s and on failure). Setting
+`derandomize=True` in SETTINGS makes every run explore the same sequences.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+from conftest import LiveServer
+
+SETTINGS = settings(
+    max_examples=60,
+    stateful_step_count=50,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+USERS = 3
+AMOUNTS = st.integers(min_value=1, max_value=40)
+HOLD_TTL = 3600
+OUTCOMES: Counter[str] = Counter()  # what the examples exercised, printed at the end
+
+
+@dataclass
+class ModelHold:
+    user: int
+    amount: int
+    remaining: int
+    status: str = "active"
+
+
+@dataclass
+class Keyed:
+    """A keyed request that was acknowledged, and its answer."""
+
+    path: str
+    body: dict[str, Any]
+    status: int
+    answer: dict[str, Any]
+
+
+@dataclass
+class Model:
+    users: list[str]
+    opened: set[int] = field(default_factory=set)
+    balance: dict[int, int] = field(default_factory=dict)
+    holds: dict[str, ModelHold] = field(default_factory=dict)
+    rows: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # (type, amount, balance_after)
+
+    def held(self, user: int) -> int:
+        return sum(h.remaining for h in self.holds.values() if h.user == user and h.status == "active")
+
+    def available(self, user: int) -> int:
+        return self.balance.get(user, 0) - self.held(user)
+
+    def post(self, user: int, kind: str, amount: int) -> int:
+        self.opened.add(user)
+        self.balance[user] = self.balance.get(user, 0) + amount
+        self.rows.setdefault(user, []).append((kind, amount, self.balance[user]))
+        return self.balance[user]
+
+
+def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
+    http = server.client()
+
+    class LedgerMachine(RuleBasedStateMachine):
+        keyed = Bundle("keyed")
+        hold_ids = Bundle("hold_ids")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Model(users=[str(uuid.uuid4()) for _ in range(USERS)])
+
+        def call(self, method: str, path: str, body: dict[str, Any] | None = None, key: str | None = None) -> Any:
+            headers = {"Idempotency-Key": key} if key else {}
+            response: httpx.Response = http.request(method, path, json=body, headers=headers)
+            parts = path.split("?")[0].split("/")
+            action = parts[2] + (f"/{parts[-1]}" if parts[2] == "holds" and len(parts) > 4 else "")
+            OUTCOMES[f"{method} {action} {response.status_code}"] += 1
+            assert response.status_code < 500, response.text
+            return response
+
+        def expect_error(self, response: httpx.Response, status: int, code: str) -> None:
+            assert (response.status_code, response.json().get("code")) == (status, code), response.text
+
+        @initialize(first=st.lists(st.integers(0, 120), min_size=USERS, max_size=USERS))
+        def open_with_credit(self, first: list[int]) -> None:
+            # Most examples start with money on most accounts (0: that user starts without an account).
+            for user, amount in enumerate(first):
+                if amount:
+                    self.credit(user, amount, with_key=False)
+
+        # -- ledger writes ------------------------------------------------------------------------------------
+
+        @rule(target=keyed, user=st.integers(0, USERS - 1), amount=AMOUNTS, with_key=st.booleans())
+        def credit(self, user: int, amount: int, with_key: bool) -> Any:
+            body = {"user_id": self.model.users[user], "amount": amount, "description": "model credit"}
+            key = str(uuid.uuid4()) if with_key else None
+            response = self.call("POST", "/billing/credit-tokens", body, key)
+            assert response.status_code == 200, response.text
+            assert response.json()["balance"] == self.model.post(user, "credit", amount)
+            assert "Idempotent-Replayed" not in response.headers
+            return (key, Keyed("/billing/credit-tokens", body, 200, response.json())) if key else multiple()
+
+        @rule(target=keyed, user=st.integers(0, USERS - 1), amount=AMOUNTS, with_key=st.booleans())
+        def charge(self, user: int, amount: int, with_key: bool) -> Any:
+            body = {"user_id": self.model.users[user], "amount": amount, "description": "model charge"}
+            key = str(uuid.uuid4()) if with_key else None
+            response = self.call("POST", "/billing/charge-tokens", body, key)
+            if user not in self.model.opened:
+                self.expect_error(response, 402, "account_not_found")
+                return multiple()
+            if self.model.available(user) < amount:
+                OUTCOMES[
+                    "charge refused"
+                    + (
+                        " (covered by the balance, not by available)"
+                        if self.model.balance.get(user, 0) >= amount
+                        else ""
+                    )
+                ] += 1
+                self.expect_error(response, 402, "insufficient_balance")
+                return multiple()
+            OUTCOMES["charge posted"] += 1
+            assert response.status_code == 200, response.text
+            assert response.json()["balance"] == self.model.post(user, "debit", -amount)
+            return (key, Keyed("/billing/charge-tokens", body, 200, response.json())) if key else multiple()
+
+        @rule(user=st.integers(0, USERS - 1))
+        def open_account(self, user: int) -> None:
+            response = self.call("POST", "/billing/accounts", {"user_id": self.model.users[user]})
+            expected = 200 if user in self.model.opened else 201
+            assert response.status_code == expected, response.text
+            assert response.json()["balance"] == self.model.balance.get(user, 0)
+            self.model.opened.add(user)
+
+        @rule(earlier=keyed)
+        def replay(self, earlier: Any) -> None:
+            key, sent = earlier
+            response = self.call("POST", sent.path, sent.body, key)
+            assert response.status_code == sent.status, response.text
+            assert response.json() == sent.answer
+            assert response.headers.get("Idempotent-Replayed") == "true"
+
+        @rule(earlier=keyed, extra=st.integers(1, 5))
+        def reuse_key_with_another_body(self, earlier: Any, extra: int) -> None:
+            key, sent = earlier
+            response = self.call("POST", sent.path, {**sent.body, "amount": sent.body["amount"] + extra}, key)
+            self.expect_error(response, 422, "idempotency_key_reused")
+
+        # -- holds ----------------------------------------------------------------------------------------------
+
+        @rule(target=hold_ids, user=st.integers(0, USERS - 1), amount=AMOUNTS)
+        def create_hold(self, user: int, amount: int) -> Any:
+            body = {
+                "user_id": self.model.users[user],
+                "amount": amount,
+                "description": "model run",
+                "ttl_seconds": HOLD_TTL,
+            }
+            response = self.call("POST", "/billing/holds", body, str(uuid.uuid4()))
+            if user not in self.model.opened:
+                self.expect_error(response, 402, "account_not_found")
+                return multiple()
+            if self.model.available(user) < amount:
+                self.expect_error(response, 402, "insufficient_balance")
+                return multiple()
+            assert response.status_code == 201, response.text
+            hold = response.json()
+            assert (hold["amount"], hold["remaining"], hold["status"]) == (amount, amount, "active")
+            self.model.holds[hold["hold_id"]] = ModelHold(user, amount, amount)
+            return hold["hold_id"]
+
+        @rule(hold_id=hold_ids, amount=AMOUNTS, final=st.booleans())
+        def capture(self, hold_id: str, amount: int, final: bool) -> None:
+            hold = self.model.holds[hold_id]
+            body = {"amount": amount, "final": final}
+            response = self.call("POST", f"/billing/holds/{hold_id}/capture", body, str(uuid.uuid4()))
+            if hold.status != "active":
+                self.expect_error(response, 409, "hold_not_active")
+                return
+            if amount > hold.remaining:
+                self.expect_error(response, 409, "capture_exceeds_hold")
+                return
+            assert response.status_code == 200, response.text
+            hold.remaining = 0 if final else hold.remaining - amount
+            hold.status = "captured" if final else "active"
+            answer = response.json()
+            assert answer["balance"] == self.model.post(hold.user, "capture", -amount)
+            assert (answer["hold"]["remaining"], answer["hold"]["status"]) == (hold.remaining, hold.status)
+
+        @rule(hold_id=hold_ids)
+        def release(self, hold_id: str) -> None:
+            hold = self.model.holds[hold_id]
+            response = self.call("POST", f"/billing/holds/{hold_id}/release", {}, str(uuid.uuid4()))
+            if hold.status != "active":
+                self.expect_error(response, 409, "hold_not_active")
+                return
+            assert response.status_code == 200, response.text
+            hold.remaining, hold.status = 0, "released"
+            assert (response.json()["remaining"], response.json()["status"]) == (0, "released")
+
+        # -- reads ----------------------------------------------------------------------------------------------
+
+        @rule(user=st.integers(0, USERS - 1))
+        def read_balance(self, user: int) -> None:
+            response = self.call("GET", f"/billing/balance/{self.model.users[user]}")
+            if user not in self.model.opened:
+                self.expect_error(response, 404, "account_not_found")
+                return
+            assert response.status_code == 200, response.text
+            body = response.json()
+            balance, held = self.model.balance.get(user, 0), self.model.held(user)
+            assert (body["balance"], body["held"], body["available"]) == (balance, held, balance - held), body
+
+        @rule(user=st.integers(0, USERS - 1), limit=st.sampled_from([None, 1, 3, 1000]))
+        def read_history(self, user: int, limit: int | None) -> None:
+            path = f"/billing/transactions/{self.model.users[user]}" + (f"?limit={limit}" if limit else "")
+            response = self.call("GET", path)
+            if user not in self.model.opened:
+                self.expect_error(response, 404, "account_not_found")
+                return
+            assert response.status_code == 200, response.text
+            expected = list(reversed(self.model.rows.get(user, [])))[: limit or None]
+            seen = [(row["type"], row["amount"], row["balance_after"]) for row in response.json()]
+            assert seen == expected
+
+        @invariant()
+        def nothing_negative(self) -> None:
+            for user in range(USERS):
+                assert self.model.balance.get(user, 0) >= 0
+                assert self.model.available(user) >= 0
+
+        def teardown(self) -> None:
+            # The whole ledger of each user, read once more, must be exactly the model's.
+            for user in self.model.opened:
+                self.read_balance(user)
+                self.read_history(user, None)
+
+    LedgerMachine.TestCase.settings = SETTINGS
+    return LedgerMachine
+
+
+def test_api_matches_the_model(server: LiveServer) -> None:
+    OUTCOMES.clear()
+    run_state_machine_as_test(make_machine(server), settings=SETTINGS)
+    print(f"\nmodel test: {sum(OUTCOMES.values())} checked answers:", dict(sorted(OUTCOMES.items())))

@@ -157,6 +157,8 @@ async def create_hold(
     ttl_seconds: int,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Hold, bool]:
     """Reserve `amount` of the available balance for `ttl_seconds`. Returns (hold, replayed)."""
     digest = request_hash(
@@ -170,6 +172,8 @@ async def create_hold(
         "metadata": Jsonb(metadata) if metadata is not None else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest if idempotency_key is not None else None,
+        "posted_by": posted_by,
+        "request_id": request_id,
     }
     for attempt in range(2):
         outcome, hold_id, stored_hash, available = await _reserve(pool, params)
@@ -213,6 +217,8 @@ async def carve_child(
     ttl_seconds: int,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Hold, bool]:
     """Carve a child budget out of the parent hold's remaining. Returns (child, replayed)."""
     digest = request_hash(
@@ -232,6 +238,8 @@ async def carve_child(
                     "max_depth": MAX_DEPTH,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
+                    "posted_by": posted_by,
+                    "request_id": request_id,
                 },
             )
             outcome, child_id, stored_hash, parent_remaining = await _one(cursor)
@@ -263,6 +271,8 @@ async def capture(
     final: bool = False,
     allow_overrun: bool = False,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Capture:
     """Post a capture of `amount` against the hold: a ledger debit, never more than the hold allows."""
     digest = request_hash(
@@ -291,6 +301,8 @@ async def capture(
                     "allow_overrun": allow_overrun,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
+                    "posted_by": posted_by,
+                    "request_id": request_id,
                 },
             )
             outcome, transaction_id, balance, stored_hash, remaining = await _one(cursor)

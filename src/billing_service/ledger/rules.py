@@ -70,6 +70,8 @@ async def _post(
     description: str,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
+    posted_by: str | None,
+    request_id: str | None,
 ) -> tuple[str, Posted]:
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
     digest = (
@@ -84,6 +86,8 @@ async def _post(
         "metadata": Jsonb(metadata) if metadata is not None else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest,
+        "posted_by": posted_by,
+        "request_id": request_id,
     }
     async with pool.connection() as conn:
         try:
@@ -120,6 +124,8 @@ async def charge(
     description: str,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Posted:
     """Debit `amount` if the balance covers it. Refused debits write nothing, not even the key."""
     post = partial(
@@ -132,6 +138,8 @@ async def charge(
         description=description,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        posted_by=posted_by,
+        request_id=request_id,
     )
     outcome, posted = await post()
     if outcome == "account_not_found":
@@ -153,6 +161,8 @@ async def credit(
     description: str,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Posted:
     """Credit `amount`, opening the account if this is its first transaction."""
     _, posted = await _post(
@@ -164,6 +174,8 @@ async def credit(
         description=description,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        posted_by=posted_by,
+        request_id=request_id,
     )
     return posted
 
@@ -317,6 +329,12 @@ def audit(conn: psycopg.Connection[Any]) -> tuple[int, list[AuditFinding]]:
         for user_id, account_balance, ledger_sum, broken_links, seq_gaps in cursor:
             findings.append(AuditFinding(user_id, account_balance, int(ledger_sum), broken_links, seq_gaps))
     return (accounts[0] if accounts else 0), findings
+
+
+def unattributed_rows(conn: psycopg.Connection[Any]) -> int:
+    """Ledger rows that do not say who posted them (those written before migration 0004 have no caller)."""
+    row = conn.execute(sql.UNATTRIBUTED_ROWS).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def ping(pool: AsyncConnectionPool) -> None:

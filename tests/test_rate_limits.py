@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import httpx
 import psycopg
 import pytest
-from billing_client import BillingClient
 
+from billing_client import BillingClient
 from conftest import LiveServer, Postgres, ledger_state, random_token, start_server, stop_server
 
 RATE = 5  # writes per second per token, and per account; burst the same
@@ -94,9 +94,11 @@ def test_a_flooding_token_gets_429s_and_another_token_does_not(limited):
     unloaded_statuses, unloaded = calm_charges(limited, calm_user, 8, spacing)
 
     loaded: dict[str, list] = {}
-    calm_thread = threading.Thread(
-        target=lambda: loaded.update(zip(("statuses", "latencies"), calm_charges(limited, calm_user, 10, spacing)))
-    )
+
+    def calm_during_the_flood() -> None:
+        loaded["statuses"], loaded["latencies"] = calm_charges(limited, calm_user, 10, spacing)
+
+    calm_thread = threading.Thread(target=calm_during_the_flood)
     seconds = 3.0
     calm_thread.start()
     responses = asyncio.run(flood(limited, flooder, 20 * RATE, seconds))

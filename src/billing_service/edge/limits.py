@@ -87,14 +87,24 @@ class KeyedBuckets:
                 del self.buckets[key]
 
     def reshare(self, others: dict[str, float], live_workers: int) -> None:
+        """This worker's share of each key's budget, from everyone's demand.
+
+        Under the limit (total demand D < rate R), each worker gets its own demand plus an equal part of the
+        slack, (d + (R - D) / N) / R: a worker whose demand was near zero still has a real bucket when a
+        request arrives. Over the limit, the budget is split in proportion to demand, d / D. Either way the
+        shares of all workers add up to 1.
+        """
         for key, bucket in self.buckets.items():
             theirs = others.get(key, 0.0)
             if theirs <= 0:
                 bucket.share = 1.0
-            elif bucket.demand <= 0:
-                bucket.share = 1.0 / live_workers
+                continue
+            total = bucket.demand + theirs
+            if total < self.rate:
+                bucket.share = (bucket.demand + (self.rate - total) / live_workers) / self.rate
             else:
-                bucket.share = bucket.demand / (bucket.demand + theirs)
+                bucket.share = bucket.demand / total
+            bucket.share = min(1.0, max(bucket.share, 1e-6))
             bucket.tokens = min(bucket.tokens, max(self.burst * bucket.share, 1.0))
 
 
@@ -129,7 +139,9 @@ class RateLimiter:
     def _take(self, buckets: KeyedBuckets, key: str, what: str) -> None:
         wait = buckets.take(key, time.monotonic(), 1.0 / self.live_workers)
         if wait > 0:
-            retry_after = min(60, max(1, math.ceil(wait)))
+            # This worker's share may be small while others' are not: a retry may land on any of them, so
+            # the hint is the global bucket's wait for one write, not this worker's.
+            retry_after = min(60, max(1, math.ceil(min(wait, 1.0 / buckets.rate))))
             raise RateLimited(
                 f"This {what} is over its limit of {buckets.rate:g} writes/s; retry after {retry_after} s.",
                 retry_after=retry_after,

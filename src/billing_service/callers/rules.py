@@ -155,6 +155,8 @@ async def list_tokens(pool: AsyncConnectionPool) -> list[TokenInfo]:
 
 
 async def revoke_token(pool: AsyncConnectionPool, *, name: str) -> None:
+    if not _NAME.fullmatch(name):  # e.g. a NUL, which PostgreSQL text cannot even hold: no such token
+        raise NotFound("No active database token has this name.", code="token_not_found")
     async with pool.connection() as conn:
         cursor = await conn.execute(sql.TOKEN_REVOKE, {"name": name})
         if await cursor.fetchone() is None:

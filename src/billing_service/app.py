@@ -10,7 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from billing_service import db, metrics
+from billing_service.callers.routes import router as tokens_router
+from billing_service.callers.rules import DatabaseTokens
+from billing_service.edge.auth import Authenticator
 from billing_service.edge.layer import Edge
+from billing_service.edge.limits import RateLimiter
 from billing_service.edge.telemetry import router as metrics_router
 from billing_service.errors import install_error_handlers
 from billing_service.events import config as events_config
@@ -43,6 +47,9 @@ def create_app(settings: Settings | None = None) -> Edge:
         await pool.open(wait=False)
         app.state.pool = pool
         pool_sampler = asyncio.create_task(metrics.sample_forever(app.state))
+        db_tokens = app.state.authenticator.db_tokens = DatabaseTokens(pool)
+        db_tokens.start()
+        app.state.limiter.start(pool)
         app.state.batcher = (
             ChargeBatcher(pool, max_size=settings.batch_max_size, max_inflight=settings.batch_max_inflight)
             if settings.batch_charges
@@ -58,6 +65,8 @@ def create_app(settings: Settings | None = None) -> Edge:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dispatching
             pool_sampler.cancel()
+            await db_tokens.close()
+            await app.state.limiter.close()
             app.state.http_metrics.flush()
             metrics.worker_exiting()
             if app.state.batcher is not None:
@@ -76,8 +85,11 @@ def create_app(settings: Settings | None = None) -> Edge:
     app.include_router(router)
     app.include_router(holds_router)
     app.include_router(events_router)
+    app.include_router(tokens_router)
     app.include_router(health)
     app.include_router(metrics_router)
     app.state.settings = settings
+    app.state.authenticator = Authenticator(settings)
+    app.state.limiter = RateLimiter(settings)
     install_error_handlers(app)
     return Edge(app, settings, [*ledger_fast_routes, *holds_fast_routes])

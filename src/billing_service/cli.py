@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ from uuid import UUID
 import typer
 
 from billing_service import db
+from billing_service.callers import rules as callers
 from billing_service.errors import BillingError
 from billing_service.events import config as events_config
 from billing_service.events import dispatcher
@@ -29,6 +31,8 @@ from billing_service.logs import configure_logging
 from billing_service.settings import Settings, get_settings
 
 app = typer.Typer(help="The token ledger of the agent platform.", no_args_is_help=True, add_completion=False)
+tokens_app = typer.Typer(help="Named, scoped service tokens kept in the database.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 # The API's bounds, so an operator's typo is refused here instead of by a database constraint.
 Amount = Annotated[int, typer.Argument(min=1, max=MAX_AMOUNT, help="Tokens, from 1 to 2^53-1.")]
 T = TypeVar("T")
@@ -98,21 +102,36 @@ def serve(
 ) -> None:
     """Apply migrations (under an advisory lock), then serve the API."""
     settings = get_settings()
-    if not settings.embedded and not settings.service_tokens:
-        raise _fail(
-            "DATABASE_URL points at an external database but BILLING_SERVICE_TOKENS is empty; "
-            "refusing to start an API nobody could call safely. Set BILLING_SERVICE_TOKENS=<token>[,<token>...]."
-        )
+    tokens = [token.get_secret_value() for token in settings.service_tokens]
+    try:
+        env_names = [token.name for token, _ in callers.parse_env_tokens(tokens)]
+    except callers.TokenConfigError as exc:
+        raise _fail(str(exc)) from exc
     url = _database_url(settings)
     try:
         db.migrate(url)
+        with db.connect(url) as conn:
+            db_names = callers.token_names(conn)
     except db.DatabaseNotReady as exc:
         raise _fail(str(exc)) from exc
+    if clash := sorted(set(env_names) & db_names):
+        raise _fail(
+            f"token name(s) {', '.join(clash)} are in BILLING_SERVICE_TOKENS and in the database "
+            "(`billing tokens list`); rename the env entries: a name must mean one token"
+        )
+    if not settings.embedded and not tokens and not db_names:
+        raise _fail(
+            "DATABASE_URL points at an external database but BILLING_SERVICE_TOKENS is empty and the database "
+            "holds no token; refusing to start an API nobody could call safely. "
+            "Set BILLING_SERVICE_TOKENS=<name>:<scopes>:<token>[,...] or run `billing tokens create`."
+        )
 
-    tokens = [token.get_secret_value() for token in settings.service_tokens]
     jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+    generated = None
+    if settings.embedded and not tokens:
+        generated = _secret_in_data_dir(settings.data_dir, "service_token")
+        tokens = [generated]
     if settings.embedded:
-        tokens = tokens or [_secret_in_data_dir(settings.data_dir, "service_token")]
         jwt_secret = jwt_secret or _secret_in_data_dir(settings.data_dir, "jwt_secret")
 
     # Workers are fresh processes: hand them the resolved database and credentials through the environment.
@@ -127,9 +146,10 @@ def serve(
     typer.echo(f"billing_service on {base}  (docs: {base}/docs, {workers} worker(s))")
     if settings.embedded:
         typer.echo(f"embedded PostgreSQL, data in {settings.data_dir.resolve()}")
-        typer.echo(f"service token: {tokens[0]}")
+    if generated is not None:
+        typer.echo(f"service token: {generated}")
         typer.echo(
-            f"try:  curl -s -X POST {base}/billing/credit-tokens -H 'Authorization: Bearer {tokens[0]}' "
+            f"try:  curl -s -X POST {base}/billing/credit-tokens -H 'Authorization: Bearer {generated}' "
             "-H 'Content-Type: application/json' "
             '-d \'{"user_id": "6f1c1f0e-2b7a-4a53-9d2e-2b8f7f0c9a01", "amount": 100, "description": "welcome"}\''
         )
@@ -238,6 +258,14 @@ Description = Annotated[str, typer.Option("--description", "-d", help="1 to 1,00
 IdempotencyKey = Annotated[str | None, typer.Option("--idempotency-key", help="1 to 255 characters.")]
 
 
+def _cli_caller() -> str:
+    """What the ledger records as `posted_by` for an operator's command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return f"cli:uid-{os.getuid()}"
+
+
 def _post_from_cli(
     operation: Callable[..., Awaitable[ledger.Posted]],
     user_id: UUID,
@@ -255,7 +283,12 @@ def _post_from_cli(
         settings,
         _ready_database_url(settings),
         lambda pool: operation(
-            pool, user_id=user_id, amount=amount, description=description, idempotency_key=idempotency_key
+            pool,
+            user_id=user_id,
+            amount=amount,
+            description=description,
+            idempotency_key=idempotency_key,
+            posted_by=_cli_caller(),
         ),
     )
     typer.echo(_posted_line(posted))
@@ -307,6 +340,7 @@ def audit() -> None:
         with db.connect(url) as conn:
             accounts, findings = ledger.audit(conn)
             hold_findings = holds.audit(conn)
+            unattributed = ledger.unattributed_rows(conn)
     except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
         raise _fail(f"audit could not run: {exc}") from exc
     for finding in findings:
@@ -316,6 +350,9 @@ def audit() -> None:
         )
     for user_id, hold_id, problem in hold_findings:
         typer.echo(f"HOLD DRIFT {user_id}{f' hold {hold_id}' if hold_id else ''}: {problem}")
+    if unattributed:
+        # A warning, not drift: rows written before migration 0004 never had a recorded caller.
+        typer.echo(f"warning: {unattributed} ledger rows have no recorded caller (posted_by)")
     if findings or hold_findings:
         typer.echo(f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems")
         raise typer.Exit(code=1)
@@ -418,3 +455,57 @@ def webhooks_deliveries(
     )
     for row in rows:
         typer.echo(json.dumps(json.loads(row)))
+
+
+def _env_token_names(settings: Settings) -> list[str]:
+    try:
+        return [
+            token.name for token, _ in callers.parse_env_tokens(t.get_secret_value() for t in settings.service_tokens)
+        ]
+    except callers.TokenConfigError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: str,
+    scopes: Annotated[str, typer.Option(help="Of charge, credit, read, admin, joined with '+': charge+read.")],
+) -> None:
+    """Make a service token; its secret is printed once (only its SHA-256 is stored)."""
+    try:
+        callers.check_name(name)
+        wanted = callers.parse_scopes(scopes.replace(",", "+"))
+    except callers.TokenConfigError as exc:
+        raise _fail(str(exc)) from exc
+    settings = get_settings()
+    reserved = _env_token_names(settings)
+    token, info = _run(
+        settings,
+        _ready_database_url(settings),
+        lambda pool: callers.create_token(pool, name=name, scopes=wanted, reserved=reserved),
+    )
+    typer.echo(f"token {info.name} ({'+'.join(info.scopes)}), usable by every worker within a second:", err=True)
+    typer.echo(token)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """Every database token (never its secret): name, scopes, created, last used, revoked."""
+    settings = get_settings()
+    found = _run(settings, _ready_database_url(settings), callers.list_tokens)
+    for info in found:
+        columns = [info.name, "+".join(info.scopes), f"created {info.created_at:%Y-%m-%d %H:%M:%S%z}"]
+        columns.append(f"last used {info.last_used_at:%Y-%m-%d %H:%M:%S%z}" if info.last_used_at else "never used")
+        if info.revoked_at:
+            columns.append(f"revoked {info.revoked_at:%Y-%m-%d %H:%M:%S%z}")
+        typer.echo("\t".join(columns))
+    for name in _env_token_names(settings):
+        typer.echo(f"{name}\t(from BILLING_SERVICE_TOKENS)")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str) -> None:
+    """Revoke a database token: every worker refuses it within a second. Its name is never reused."""
+    settings = get_settings()
+    _run(settings, _ready_database_url(settings), lambda pool: callers.revoke_token(pool, name=name))
+    typer.echo(f"revoked {name}")

@@ -3,6 +3,7 @@
 BillingError
 ├── Unauthorized            401 unauthorized / invalid_token
 ├── Forbidden               403 forbidden
+│   └── InsufficientScope   403 insufficient_scope (a service token without the route's scope)
 ├── AccountNotFound         404 account_not_found (402 on a charge, as the seed says)
 ├── NotFound                404 not_found / webhook_not_found
 ├── HoldNotFound            404 hold_not_found
@@ -17,8 +18,11 @@ BillingError
 │                               webhook_url_invalid / webhook_url_not_allowed (SSRF) / invalid_replay / ...
 ├── BalanceLimitExceeded    422 balance_limit_exceeded
 ├── PayloadTooLarge         413 payload_too_large
+├── RateLimited             429 rate_limited (with Retry-After; before any database work)
+├── AuthUnavailable         503 auth_unavailable (the JWKS endpoint cannot be reached; with Retry-After)
 ├── DatabaseUnavailable     503 database_unavailable (with Retry-After)
-└── CommitNotReplicated     503 commit_not_replicated (with Retry-After; also a psycopg.OperationalError)
+├── CommitNotReplicated     503 commit_not_replicated (with Retry-After; also a psycopg.OperationalError)
+└── TokenNameTaken          409 token_name_taken (callers/rules.py; token names are unique, env and DB)
 
 Domain code raises these; `install_error_handlers` turns them, and FastAPI's own validation and HTTP
 errors, into `{"detail": ..., "code": ...}`. Anything else is a bug: 500 internal_error, same shape.
@@ -66,6 +70,11 @@ class Forbidden(BillingError):
     status_code = 403
     code = "forbidden"
     detail = "This token may not do that."
+
+
+class InsufficientScope(Forbidden):
+    code = "insufficient_scope"
+    detail = "This token lacks the scope this route needs."
 
 
 class NotFound(BillingError):
@@ -178,6 +187,28 @@ class CommitNotReplicated(BillingError, psycopg.OperationalError):
         return {"Retry-After": "1"}
 
 
+class RateLimited(BillingError):
+    status_code = 429
+    code = "rate_limited"
+    detail = "Too many writes; retry after Retry-After seconds."
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class AuthUnavailable(BillingError):
+    status_code = 503
+    code = "auth_unavailable"
+    detail = "The identity provider's keys cannot be fetched; retry shortly."
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
 class ErrorBody(BaseModel):
     """What every error response carries."""
 
@@ -209,6 +240,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    429: "rate_limited",
     415: "unsupported_media_type",
     422: "validation_error",
 }

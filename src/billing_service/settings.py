@@ -6,8 +6,13 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 |----------------------------|----------------------------------------------------------------------|
 | DATABASE_URL               | external PostgreSQL; unset means an embedded one (pgserver)           |
 | BILLING_DATA_DIR           | where the embedded PostgreSQL and generated secrets live (./.billing) |
-| BILLING_SERVICE_TOKENS     | comma-separated service tokens; several allow rotation                |
-| BILLING_JWT_SECRET         | HS256 secret for user JWTs; unset means no user JWT is accepted       |
+| BILLING_SERVICE_TOKENS     | comma-separated `name:scope1+scope2:token` or bare tokens (all scopes) |
+| BILLING_JWT_SECRET         | HS256 secret for user JWTs; unset means no HS256 JWT is accepted      |
+| BILLING_JWKS_URL           | JWKS of the identity provider: RS256/EdDSA/ES256 user JWTs by `kid`     |
+| BILLING_JWT_ISSUER         | if set, JWKS-verified JWTs must carry this `iss`                      |
+| BILLING_JWT_AUDIENCE       | if set, JWKS-verified JWTs must carry this `aud`                      |
+| BILLING_RATE_LIMIT_TOKEN_RATE / _BURST | writes per second per token, bucket size (2000 / 4000; 0: off) |
+| BILLING_RATE_LIMIT_USER_RATE / _BURST  | writes per second per account, bucket size (200 / 400; 0: off) |
 | BILLING_POOL_MIN_SIZE      | connections each worker keeps open (2)                                |
 | BILLING_POOL_MAX_SIZE      | connections each worker may open (16)                                 |
 | BILLING_POOL_TIMEOUT       | seconds to wait for a free connection before a 503 (3)                |
@@ -54,6 +59,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".billing")
     service_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     jwt_secret: SecretStr | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    # Token buckets on writes, held across workers and replicas (edge/limits.py); 0 turns a limit off.
+    rate_limit_token_rate: float = Field(default=2000.0, ge=0)
+    rate_limit_token_burst: int = Field(default=4000, ge=0)
+    rate_limit_user_rate: float = Field(default=200.0, ge=0)
+    rate_limit_user_burst: int = Field(default=400, ge=0)
 
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=16, ge=1)
@@ -110,7 +123,7 @@ class Settings(BaseSettings):
     def _empty_threshold_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("jwt_secret", mode="before")
+    @field_validator("jwt_secret", "jwks_url", "jwt_issuer", "jwt_audience", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -132,7 +145,10 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every configured credential, so the logs can scrub them."""
-        secrets = [token.get_secret_value() for token in self.service_tokens]
+        secrets = []
+        for entry in (token.get_secret_value() for token in self.service_tokens):
+            # `name:scopes:token`: the token alone must be scrubbed too, wherever it shows up.
+            secrets += [entry, entry.split(":", 2)[2]] if entry.count(":") >= 2 else [entry]
         secrets += [secret.get_secret_value() for secret in (self.jwt_secret, self.metrics_token) if secret]
         return secrets
 

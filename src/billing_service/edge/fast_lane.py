@@ -22,8 +22,8 @@ from pydantic import BaseModel, ValidationError
 
 from billing_service.edge.codec import Answer
 
-# (app state, the path's id, the validated body, the Idempotency-Key) -> the answer
-FastCall = Callable[[Any, Any, Any, str | None], Awaitable[Answer]]
+# (app state, the path's id, the validated body, the Idempotency-Key, the Caller) -> the answer
+FastCall = Callable[[Any, Any, Any, str | None, Any], Awaitable[Answer]]
 _UUID_LENGTH = 36
 
 

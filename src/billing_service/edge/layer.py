@@ -3,9 +3,11 @@
 For every request, in this order:
 1. a request id: the caller's X-Request-ID if short and plain, else a new one; echoed on the answer and
    bound to every log line of the request;
-2. authentication of /billing and /console requests, before the body is read (401 fails closed);
+2. authentication of /billing and /console requests, before the body is read (401 fails closed), and the
+   scope the route needs (403 insufficient_scope; `edge.auth`);
 3. the body guard: 413 over BILLING_MAX_BODY_BYTES (from Content-Length, or as a chunked body passes it),
    415 for a write whose declared Content-Type is not JSON;
+   then the per-token rate limit of writes (429 rate_limited; `edge.limits`, in memory);
 4. the hot routes through the fast lane (`fast_lane`), everything else through FastAPI;
 5. HTTP metrics and the access line.
 
@@ -26,10 +28,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from billing_service.edge import codec
-from billing_service.edge.auth import Caller, authenticate, authorize_reader, authorize_service
+from billing_service.edge.auth import (
+    Authenticator,
+    Caller,
+    ScopeTable,
+    authorize_reader,
+    authorize_scope,
+    authorize_service,
+    required_scope,
+)
 from billing_service.edge.fast_lane import FastLane, FastRoute
+from billing_service.edge.limits import RateLimiter
 from billing_service.edge.telemetry import METHODS, HttpMetrics, route_template
-from billing_service.errors import BillingError, PayloadTooLarge, as_billing_error
+from billing_service.errors import BillingError, PayloadTooLarge, RateLimited, as_billing_error
 from billing_service.logs import AccessLog, get_logger
 from billing_service.settings import Settings
 
@@ -37,6 +48,7 @@ from billing_service.settings import Settings
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _AUTHENTICATED_PREFIXES = ("/billing",)
 _WRITES = frozenset({"POST", "PUT", "PATCH"})
+_READS = frozenset({"GET", "HEAD"})
 _MAX_IDEMPOTENCY_KEY = 255
 
 log = get_logger("billing_service.edge")
@@ -57,6 +69,9 @@ class Edge:
         self.max_body = settings.max_body_bytes
         # Off, every request goes through FastAPI: the same answers, slower (for measuring, or as an escape hatch).
         self.lane = FastLane(fast_routes if settings.fast_lane else [])
+        self.auth: Authenticator = app.state.authenticator
+        self.limiter: RateLimiter = app.state.limiter
+        self.scopes = ScopeTable(app)
         self.metrics = app.state.http_metrics = HttpMetrics()
         self.access_log = (
             AccessLog(
@@ -107,10 +122,22 @@ class Edge:
 
         try:
             caller = None
-            if path.startswith(_AUTHENTICATED_PREFIXES):
-                caller = authenticate(authorization.decode("latin-1") if authorization else None, self.settings)
-            self._guard(method, content_length, content_type)
             matched = self.lane.match(method, path) if not scope["query_string"] else None
+            if path.startswith(_AUTHENTICATED_PREFIXES):
+                caller = await self.auth.authenticate(
+                    authorization.decode("latin-1") if authorization else None, request_id
+                )
+                template = matched[0].template if matched is not None else self.scopes.template(path)
+                authorize_scope(caller, required_scope(method, template))
+            self._guard(method, content_length, content_type)
+            if caller is not None and caller.service and method not in _READS:
+                try:
+                    self.limiter.check_token(caller.name)
+                except RateLimited as limited:
+                    # Read the (bounded) body first, so the connection stays usable for the client's retry.
+                    if content_length not in (None, b"0"):
+                        await self._read_body(receive)
+                    raise _Refused(limited) from None
             if matched is not None and caller is not None:
                 route = matched[0].template
                 outcome = await self._fast(receive, send, matched, caller, idempotency_key, request_id_header)
@@ -202,7 +229,7 @@ class Edge:
                 # Validation failed: FastAPI reads the same bytes again and answers its documented 422.
                 return _replay(raw, receive)
         try:
-            answer = await route.call(self.app.state, path_id, body, key)
+            answer = await route.call(self.app.state, path_id, body, key, caller)
         except Exception as exc:
             error = as_billing_error(exc)
             if error is None:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from billing_service import metrics
 from billing_service.edge import codec
-from billing_service.edge.auth import AnyCaller, ReaderCaller, ServiceCaller
+from billing_service.edge.auth import AnyCaller, Caller, ReaderCaller, ServiceCaller
 from billing_service.edge.codec import Answer
 from billing_service.edge.fast_lane import FastRoute
 from billing_service.errors import ErrorBody, HoldNotFound
@@ -97,9 +97,10 @@ def _answer(hold: holds.Hold, replayed: bool, status_code: int = 200) -> JSONRes
     responses=_errors({402: "The available balance is too low, or unknown account", 413: "Body too large"}),
 )
 async def create_hold(
-    body: HoldRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+    body: HoldRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Reserve tokens from the available balance for an agent run, for `ttl_seconds` unless extended."""
+    request.app.state.limiter.check_user(body.user_id)
     hold, replayed = await holds.create_hold(
         _pool(request),
         user_id=body.user_id,
@@ -108,6 +109,8 @@ async def create_hold(
         ttl_seconds=body.ttl_seconds,
         metadata=body.metadata,
         idempotency_key=idempotency_key,
+        posted_by=caller.name,
+        request_id=caller.request_id,
     )
     return _answer(hold, replayed, status_code=201)
 
@@ -135,7 +138,9 @@ async def get_hold(hold_id: UUID, request: Request, caller: AnyCaller) -> JSONRe
     return JSONResponse(_tree_body(tree))
 
 
-async def capture(state: Any, hold_id: UUID, body: CaptureRequest, idempotency_key: str | None) -> Answer:
+async def capture(
+    state: Any, hold_id: UUID, body: CaptureRequest, idempotency_key: str | None, caller: Caller
+) -> Answer:
     captured = await holds.capture(
         state.pool,
         hold_id=hold_id,
@@ -145,6 +150,8 @@ async def capture(state: Any, hold_id: UUID, body: CaptureRequest, idempotency_k
         final=body.final,
         allow_overrun=body.allow_overrun,
         idempotency_key=idempotency_key,
+        posted_by=caller.name,
+        request_id=caller.request_id,
     )
     metrics.record_capture(body.amount, replayed=captured.replayed)
     answer = {
@@ -166,10 +173,10 @@ fast_routes = [FastRoute("POST", "/billing/holds/{hold_id}/capture", "service", 
     responses=_errors({**_CONFLICTS, 402: "allow_overrun, and the available balance does not cover the excess"}),
 )
 async def capture_hold(
-    hold_id: UUID, body: CaptureRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+    hold_id: UUID, body: CaptureRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Post a debit of `amount` from the hold. Repeatable while tokens stream; `final` releases the rest."""
-    return (await capture(request.app.state, hold_id, body, idempotency_key)).response()
+    return (await capture(request.app.state, hold_id, body, idempotency_key, caller)).response()
 
 
 @router.post("/{hold_id}/release", response_model=HoldResponse, responses=_errors(_CONFLICTS))
@@ -199,7 +206,11 @@ async def extend_hold(
     responses=_errors({**_CONFLICTS, 413: "Body too large"}),
 )
 async def carve_child(
-    hold_id: UUID, body: ChildHoldRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+    hold_id: UUID,
+    body: ChildHoldRequest,
+    request: Request,
+    caller: ServiceCaller,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Carve a sub-agent's budget out of this hold's remaining, without touching the available balance."""
     child, replayed = await holds.carve_child(
@@ -210,5 +221,7 @@ async def carve_child(
         ttl_seconds=body.ttl_seconds,
         metadata=body.metadata,
         idempotency_key=idempotency_key,
+        posted_by=caller.name,
+        request_id=caller.request_id,
     )
     return _answer(child, replayed, status_code=201)

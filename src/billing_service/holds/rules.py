@@ -179,6 +179,8 @@ async def create_hold(
     ttl_seconds: int,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Hold, bool]:
     """Reserve `amount` of the available balance for `ttl_seconds`. Returns (hold, replayed)."""
     digest = request_hash(
@@ -193,6 +195,8 @@ async def create_hold(
         "idempotency_key": idempotency_key,
         "request_hash": digest if idempotency_key is not None else None,
         "events": events.enabled,
+        "posted_by": posted_by,
+        "request_id": request_id,
     }
     for attempt in range(2):
         outcome, hold_id, stored_hash, available = await _reserve(pool, params)
@@ -239,6 +243,8 @@ async def carve_child(
     ttl_seconds: int,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> tuple[Hold, bool]:
     """Carve a child budget out of the parent hold's remaining. Returns (child, replayed)."""
     digest = request_hash(
@@ -259,6 +265,8 @@ async def carve_child(
                     "events": events.enabled,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
+                    "posted_by": posted_by,
+                    "request_id": request_id,
                 },
             )
             outcome, child_id, stored_hash, parent_remaining = await _one(cursor)
@@ -290,6 +298,8 @@ async def capture(
     final: bool = False,
     allow_overrun: bool = False,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Capture:
     """Post a capture of `amount` against the hold: a ledger debit, never more than the hold allows."""
     digest = request_hash(
@@ -319,6 +329,8 @@ async def capture(
                     "events": events.enabled,
                     "idempotency_key": idempotency_key,
                     "request_hash": digest if idempotency_key is not None else None,
+                    "posted_by": posted_by,
+                    "request_id": request_id,
                 },
             )
             outcome, transaction_id, balance, stored_hash, remaining = await _one(cursor)

@@ -43,7 +43,7 @@ _HOLD_VIEW = """
 
 _NEW_HOLD_COLUMNS = (
     "user_id, id, parent_id, root_id, path, amount, remaining, description, metadata, expires_at, "
-    "idempotency_key, request_hash"
+    "idempotency_key, request_hash, posted_by, request_id"
 )
 
 # A root hold: reserves from available with the same single-row guard as CHARGE.
@@ -65,7 +65,8 @@ new_hold AS (SELECT billing_uuidv7() AS id),
 inserted AS (
     INSERT INTO holds ({_NEW_HOLD_COLUMNS})
     SELECT r.user_id, n.id, NULL, n.id, ARRAY[n.id], %(amount)s, %(amount)s, %(description)s, %(metadata)s,
-           statement_timestamp() + make_interval(secs => %(ttl_seconds)s), %(idempotency_key)s, %(request_hash)s
+           statement_timestamp() + make_interval(secs => %(ttl_seconds)s), %(idempotency_key)s, %(request_hash)s,
+           %(posted_by)s, %(request_id)s
     FROM reserved r CROSS JOIN new_hold n
     RETURNING {HOLD_RETURNING}
 ),
@@ -269,7 +270,7 @@ inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id)
     SELECT d.user_id, d.last_seq, 'capture', -%(amount)s, d.balance,
            coalesce(%(description)s, (SELECT description FROM target)), %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s, %(hold_id)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s, %(hold_id)s
     FROM debited d
     RETURNING {LEDGER_RETURNING}
 ),
@@ -436,7 +437,7 @@ inserted AS (
     INSERT INTO holds ({_NEW_HOLD_COLUMNS})
     SELECT p.user_id, n.id, p.id, p.root_id, p.path || n.id, %(amount)s, %(amount)s, %(description)s,
            %(metadata)s, least(p.expires_at, statement_timestamp() + make_interval(secs => %(ttl_seconds)s)),
-           %(idempotency_key)s, %(request_hash)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s
     FROM parent p CROSS JOIN new_hold n
     RETURNING {HOLD_RETURNING}
 ),

@@ -55,6 +55,8 @@ class _Charge:
     idempotency_key: str | None
     request_hash: bytes
     future: asyncio.Future[ledger.Posted]
+    posted_by: str | None = None
+    request_id: str | None = None
     # Filled in when planned: the ledger row this charge becomes.
     seq: int = 0
     balance_after: int = 0
@@ -118,10 +120,20 @@ class ChargeBatcher:
         description: str,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        posted_by: str | None = None,
+        request_id: str | None = None,
     ) -> ledger.Posted:
         digest = posting_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
         item = _Charge(
-            user_id, amount, description, metadata, idempotency_key, digest, asyncio.get_running_loop().create_future()
+            user_id,
+            amount,
+            description,
+            metadata,
+            idempotency_key,
+            digest,
+            asyncio.get_running_loop().create_future(),
+            posted_by,
+            request_id,
         )
         self._queue.append(item)
         self._arrived.set()
@@ -169,6 +181,8 @@ class ChargeBatcher:
                 description=item.description,
                 metadata=item.metadata,
                 idempotency_key=item.idempotency_key,
+                posted_by=item.posted_by,
+                request_id=item.request_id,
             )
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request, which raises it
             _resolve(item, exc)
@@ -315,6 +329,8 @@ def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_
         "metadata": [json.dumps(item.metadata) if item.metadata is not None else None for item in planned],
         "idempotency_keys": [item.idempotency_key for item in planned],
         "request_hashes": [item.request_hash if item.idempotency_key is not None else None for item in planned],
+        "posted_by": [item.posted_by for item in planned],
+        "request_ids": [item.request_id for item in planned],
     }
 
 

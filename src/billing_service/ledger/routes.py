@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from psycopg_pool import AsyncConnectionPool
 
 from billing_service import metrics
-from billing_service.edge.auth import ReaderCaller, ServiceCaller
+from billing_service.edge.auth import Caller, ReaderCaller, ServiceCaller
 from billing_service.edge.codec import Answer
 from billing_service.edge.fast_lane import FastRoute
 from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest
@@ -82,7 +82,8 @@ def _posted(posted: ledger.Posted) -> Answer:
     return Answer(200, body, posted.replayed)
 
 
-async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None) -> Answer:
+async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None, caller: Caller) -> Answer:
+    state.limiter.check_user(body.user_id)
     batcher: ChargeBatcher | None = state.batcher
     post = batcher.charge if batcher is not None else partial(ledger.charge, state.pool)
     try:
@@ -92,6 +93,8 @@ async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str 
             description=body.description,
             metadata=body.metadata,
             idempotency_key=idempotency_key,
+            posted_by=caller.name,
+            request_id=caller.request_id,
         )
     except (InsufficientBalance, AccountNotFound) as refused:
         metrics.record_charge(refused.code, body.amount)
@@ -100,7 +103,8 @@ async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str 
     return _posted(posted)
 
 
-async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None) -> Answer:
+async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None, caller: Caller) -> Answer:
+    state.limiter.check_user(body.user_id)
     posted = await ledger.credit(
         state.pool,
         user_id=body.user_id,
@@ -108,12 +112,14 @@ async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str 
         description=body.description,
         metadata=body.metadata,
         idempotency_key=idempotency_key,
+        posted_by=caller.name,
+        request_id=caller.request_id,
     )
     metrics.record_credit(body.amount, replayed=posted.replayed)
     return _posted(posted)
 
 
-async def balance(state: Any, user_id: UUID, _: None, __: str | None) -> Answer:
+async def balance(state: Any, user_id: UUID, _: None, __: str | None, ___: Caller) -> Answer:
     current = await ledger.balance_with_holds(state.pool, user_id=user_id)
     body = b'{"user_id":"%s","balance":%d,"held":%d,"available":%d}' % (
         str(user_id).encode(),
@@ -133,18 +139,18 @@ fast_routes = [
 
 @router.post("/charge-tokens", response_model=PostedResponse, responses=_errors(402, 409, 413, 415))
 async def charge_tokens(
-    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+    body: LedgerRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Debit tokens. Atomic: the balance never goes below 0, whatever the concurrency."""
-    return (await charge(request.app.state, None, body, idempotency_key)).response()
+    return (await charge(request.app.state, None, body, idempotency_key, caller)).response()
 
 
 @router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413, 415))
 async def credit_tokens(
-    body: LedgerRequest, request: Request, _: ServiceCaller, idempotency_key: IdempotencyKey = None
+    body: LedgerRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Credit tokens, opening the account if it does not exist yet."""
-    return (await credit(request.app.state, None, body, idempotency_key)).response()
+    return (await credit(request.app.state, None, body, idempotency_key, caller)).response()
 
 
 @router.post(
@@ -196,14 +202,14 @@ async def update_account(
 async def get_balance(
     user_id: UUID,
     request: Request,
-    _: ReaderCaller,
+    caller: ReaderCaller,
     at: Annotated[
         datetime | None, Query(description="RFC 3339 time with offset: the posted balance at that moment.")
     ] = None,
 ) -> BalanceResponse | Response:
     """The posted balance, what active holds reserve, and what is available; or, with `at`, the past balance."""
     if at is None:
-        return (await balance(request.app.state, user_id, None, None)).response()
+        return (await balance(request.app.state, user_id, None, None, caller)).response()
     if at.tzinfo is None:
         raise InvalidRequest("at: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
     posted = await ledger.balance_at(_pool(request), user_id=user_id, at=at)

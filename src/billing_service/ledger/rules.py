@@ -73,6 +73,8 @@ async def _post(
     description: str,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
+    posted_by: str | None,
+    request_id: str | None,
 ) -> tuple[str, Posted, bool | None]:
     """(outcome, what was posted, and for a refusal whether balance.depleted was already notified)."""
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
@@ -90,6 +92,8 @@ async def _post(
         "request_hash": digest,
         "events": events.enabled,
         "default_threshold": events.default_threshold,
+        "posted_by": posted_by,
+        "request_id": request_id,
     }
     depleted_notified = None
     async with pool.connection() as conn:
@@ -132,6 +136,8 @@ async def charge(
     description: str,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Posted:
     """Debit `amount` if the balance covers it. Refused debits write nothing, not even the key."""
     post = partial(
@@ -144,6 +150,8 @@ async def charge(
         description=description,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        posted_by=posted_by,
+        request_id=request_id,
     )
     outcome, posted, depleted_notified = await post()
     if outcome == "account_not_found":
@@ -168,6 +176,8 @@ async def credit(
     description: str,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    posted_by: str | None = None,
+    request_id: str | None = None,
 ) -> Posted:
     """Credit `amount`, opening the account if this is its first transaction."""
     _, posted, _ = await _post(
@@ -179,6 +189,8 @@ async def credit(
         description=description,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        posted_by=posted_by,
+        request_id=request_id,
     )
     return posted
 
@@ -365,6 +377,12 @@ def audit(conn: psycopg.Connection[Any]) -> tuple[int, list[AuditFinding]]:
         for user_id, account_balance, ledger_sum, broken_links, seq_gaps in cursor:
             findings.append(AuditFinding(user_id, account_balance, int(ledger_sum), broken_links, seq_gaps))
     return (accounts[0] if accounts else 0), findings
+
+
+def unattributed_rows(conn: psycopg.Connection[Any]) -> int:
+    """Ledger rows that do not say who posted them (those written before migration 0004 have no caller)."""
+    row = conn.execute(sql.UNATTRIBUTED_ROWS).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def ping(pool: AsyncConnectionPool) -> None:

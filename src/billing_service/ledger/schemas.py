@@ -112,6 +112,10 @@ class TransactionResponse(BaseModel):
     balance_after: int
     metadata: dict[str, Any] | None = None
     hold_id: UUID | None = Field(default=None, description="The hold a capture drew on.")
+    posted_by: str | None = Field(
+        default=None, description="The service token's name (or `cli:<user>`); null for rows before the trail."
+    )
+    request_id: str | None = Field(default=None, description="The X-Request-ID of the request that posted it.")
 
 
 class BalanceResponse(BaseModel):

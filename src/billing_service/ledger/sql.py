@@ -26,7 +26,11 @@ EXISTING_TRANSACTION = """
         WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
     )"""
 
-LEDGER_ROW_COLUMNS = "user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash"
+# posted_by / request_id: who wrote the row (a token's name, `cli:<user>`) and the request's X-Request-ID.
+LEDGER_ROW_COLUMNS = (
+    "user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash, "
+    "posted_by, request_id"
+)
 
 # Debit: the WHERE clause is the whole overdraft guard. Under READ COMMITTED a concurrent debit of the same
 # row makes this one wait for the row lock, then re-check `balance >= amount` against the committed row
@@ -48,7 +52,7 @@ debited AS (
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
     SELECT user_id, last_seq, 'debit', -%(amount)s, balance, %(description)s, %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s
     FROM debited
     RETURNING {LEDGER_RETURNING}
 ),
@@ -93,7 +97,7 @@ credited AS (
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
     SELECT user_id, last_seq, 'credit', %(amount)s, balance, %(description)s, %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s
     FROM credited
     RETURNING {LEDGER_RETURNING}
 ),
@@ -149,7 +153,7 @@ _HISTORY_ROW = """
 SELECT seq, json_build_object(
     'id', id, 'user_id', user_id, 'amount', amount, 'description', description,
     'created_at', created_at, 'type', type, 'balance_after', balance_after, 'metadata', metadata,
-    'hold_id', hold_id
+    'hold_id', hold_id, 'posted_by', posted_by, 'request_id', request_id
 )::text
 FROM transactions
 """
@@ -200,6 +204,9 @@ ORDER BY a.user_id
 """
 
 COUNT_ACCOUNTS: LiteralString = "SELECT count(*) FROM accounts"
+
+# Ledger rows with no recorded caller: written before migration 0004, or by a path that forgot to say.
+UNATTRIBUTED_ROWS: LiteralString = "SELECT count(*) FROM transactions WHERE posted_by IS NULL"
 
 PING: LiteralString = "SELECT 1"
 
@@ -311,14 +318,17 @@ WITH planned AS (
     SELECT *
     FROM unnest(%(user_ids)s::uuid[], %(seqs)s::bigint[], %(amounts)s::bigint[], %(balances_after)s::bigint[],
                 %(descriptions)s::text[], %(metadata)s::text[], %(idempotency_keys)s::text[],
-                %(request_hashes)s::bytea[], %(event_seqs)s::bigint[])
-         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq)
+                %(request_hashes)s::bytea[], %(event_seqs)s::bigint[], %(posted_by)s::text[],
+                %(request_ids)s::text[])
+         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
+              posted_by, request_id)
 ),
 inserted AS (
     INSERT INTO transactions
-        (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash)
+        (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash,
+         posted_by, request_id)
     SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata::jsonb, idempotency_key,
-           request_hash
+           request_hash, posted_by, request_id
     FROM planned
     ORDER BY user_id, seq
     RETURNING {LEDGER_RETURNING}, seq

@@ -1,12 +1,26 @@
-"""The side-by-side benchmark: the service under wrk, and PostgreSQL's own limit under pgbench, in one run.
+"""The side-by-side benchmark: the service, a bare reference app and pgbench, on one machine and database, in one run.
 
     ./scripts/bench [--workers 1,2,4] [--duration 15] [--connections 32] [--database-url URL]
+                    [--workloads charge_spread,charge_hot,balance,capture] [--skip-history]
+                    [--reference-server granian|uvicorn] [--reference-driver psycopg|asyncpg] [--compare-reference]
 
-It starts PostgreSQL (embedded, or a fresh database on --database-url), migrates, seeds 1,000 accounts,
-then for each worker count starts `billing serve --workers N` and drives it with wrk (a C load generator:
-Python would eat the CPU it measures). pgbench runs the service's exact charge and balance SQL (from
-billing_service.ledger.sql) at the same concurrency. Results go to bench/results/latest.json and a table.
-synchronous_commit and fsync stay on: every acknowledged charge is on disk.
+It starts PostgreSQL (embedded, or a fresh database on --database-url, dropped afterwards), migrates, seeds
+1,000 accounts (plus one funded account per connection for the holds of the capture workload) and one user
+with a 1,000,000-row history. Then:
+
+- pgbench runs the service's exact statements (billing_service.ledger.sql / holds.sql, imported, never
+  copied) at the same concurrency: PostgreSQL's own limit, with no HTTP and no Python;
+- for each worker count, `billing serve --workers N` (its default config: access log, metrics, auth) and then
+  bench/reference_app.py (the same statements in a bare ASGI app on granian or uvicorn, same worker count)
+  are each driven by wrk (C; Lua scripts in bench/wrk/): charges spread over 1,000 users, charges to one hot
+  user, balance reads, hold captures;
+- around every workload it samples PostgreSQL's CPU time (its server processes for this database, plus its
+  background processes) and reports it per operation; after every write workload it counts the ledger rows
+  carrying that workload's Idempotency-Keys against the acknowledged requests; after each server it runs
+  `billing audit`.
+
+synchronous_commit and fsync are asserted on: every acknowledged charge is on disk. Results go to
+bench/results/latest.json and a table. Numbers from a shared 2-core machine are indicative only.
 """
 
 from __future__ import annotations
@@ -16,12 +30,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,15 +46,48 @@ import httpx
 import psutil
 import psycopg
 
-from billing_service.ledger import sql
+from billing_service.holds import sql as holds_sql
+from billing_service.ledger import sql as ledger_sql
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TOKEN = "bench-service-token"  # noqa: S105 - the throwaway server the bench starts and stops
+TOKEN = "bench-service-token"  # noqa: S105 - the throwaway servers the bench starts and stops
 ACCOUNTS = 1000
 HOT_USER = "00000000-0000-4000-8000-000000000001"
 HISTORY_USER = "00000000-0000-4000-9000-000000000001"
 HISTORY_ROWS = 1_000_000
+HOLD_AMOUNT = 10**9
+HOLD_TTL_SECONDS = 86_400
+WRK_THREADS = 2
+WORKLOADS = ("charge_spread", "charge_hot", "balance", "capture")
+WRITES = ("charge_spread", "charge_hot", "capture")
+# What each workload is called in the table, and its wrk script and mode.
+LABELS = {
+    "charge_spread": "charges, 1,000 users",
+    "charge_hot": "charges, hot user",
+    "balance": "balance reads",
+    "capture": "hold captures",
+}
+SCRIPTS = {
+    "charge_spread": ("charge.lua", "spread"),
+    "charge_hot": ("charge.lua", "hot"),
+    "balance": ("balance.lua", "spread"),
+    "capture": ("capture.lua", "holds"),
+}
+# Issue #9's targets: (workload, figure, baseline or None, bound).
+TARGETS = [
+    ("charge_spread", "rps", "reference", 0.9),
+    ("balance", "rps", "reference", 0.9),
+    ("charge_hot", "rps", "pgbench", 1.4),
+    ("capture", "rps", "reference", 0.9),
+    ("charge_spread", "p99_ms", None, 30.0),
+    ("balance", "p99_ms", None, 15.0),
+]
+CAPTURE_METADATA = {"run_id": "bench-run", "model": "bench-model", "input_tokens": 10, "output_tokens": 2}
+
+
+def user_id(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012d}"
 
 
 def user_sql_expr(variable: str) -> str:
@@ -46,27 +95,86 @@ def user_sql_expr(variable: str) -> str:
     return f"('00000000-0000-4000-8000-' || lpad(:{variable}::text, 12, '0'))::uuid"
 
 
-def database(args: argparse.Namespace) -> tuple[str, str, Any]:
-    """(url, pgbench binary, handle to keep alive)."""
-    if args.database_url:
-        name = f"billing_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(args.database_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = urlunsplit(urlsplit(args.database_url)._replace(path=f"/{name}"))
-        return url, shutil.which("pgbench") or "pgbench", None
-    import pgserver
-    from pgserver._commands import POSTGRES_BIN_PATH
+# ---------------------------------------------------------------------------------------------------------
+# The database
 
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="billing-bench-pg-")), cleanup_mode="delete")
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE billing_bench")
-        settings = dict(
-            conn.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')"
-            ).fetchall()
-        )
-    assert settings == {"fsync": "on", "synchronous_commit": "on"}, settings
-    return server.get_uri("billing_bench"), str(POSTGRES_BIN_PATH / "pgbench"), server
+
+class Database:
+    """The bench's database: its URL, the pgbench that matches its server, and PostgreSQL's CPU meter."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.server: Any = None
+        self.admin_url: str | None = args.database_url
+        if args.database_url:
+            self.name = f"billing_bench_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(args.database_url, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+            self.url = urlunsplit(urlsplit(args.database_url)._replace(path=f"/{self.name}"))
+            self.pgbench = shutil.which("pgbench") or "pgbench"
+            self.kind = "external"
+        else:
+            import pgserver
+            from pgserver._commands import POSTGRES_BIN_PATH
+
+            self.server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="billing-bench-pg-")), cleanup_mode="delete")
+            self.name = "billing_bench"
+            with psycopg.connect(self.server.get_uri(), autocommit=True) as conn:
+                conn.execute("CREATE DATABASE billing_bench")
+            self.url = self.server.get_uri("billing_bench")
+            self.pgbench = str(POSTGRES_BIN_PATH / "pgbench")
+            self.kind = "embedded"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            settings = dict(
+                conn.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')"
+                ).fetchall()
+            )
+            self.version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+            backend = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+            self.postmaster = psutil.Process(psutil.Process(backend).ppid())
+        # Honesty: every acknowledged write must be on disk.
+        assert settings == {"fsync": "on", "synchronous_commit": "on"}, settings
+
+    # Background processes serve every database; client backends and autovacuum workers name theirs.
+    _SHARED = (
+        "checkpointer",
+        "background writer",
+        "walwriter",
+        "autovacuum launcher",
+        "logical replication launcher",
+        "archiver",
+    )
+
+    def cpu_seconds(self, exited: bool = False) -> float:
+        """User + system CPU of the postmaster, its background processes, and this database's backends.
+
+        Backends of other databases (other people's tests on a shared server) are left out. A backend that
+        exits between two samples is only counted with `exited`, through the CPU the kernel adds to the
+        postmaster when it reaps it (of whichever database): pgbench's backends are gone when it returns,
+        while the servers' pooled connections stay open through a workload.
+        """
+        total = 0.0
+        if exited:
+            reaped = self.postmaster.cpu_times()
+            total += reaped.children_user + reaped.children_system
+        for process in [self.postmaster, *self.postmaster.children()]:
+            try:
+                if process is not self.postmaster:
+                    title = " ".join(process.cmdline()).strip()
+                    # "postgres: checkpointer", or "postgres: 15/main: checkpointer" for a Debian cluster
+                    shared = any(title.endswith(f": {name}") for name in self._SHARED)
+                    if not shared and f" {self.name} " not in f"{title} ":
+                        continue
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    def close(self, keep: bool) -> None:
+        if self.admin_url and not keep:
+            with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 SEED = [
@@ -85,50 +193,165 @@ SEED = [
 ]
 
 
-def seed(url: str) -> None:
-    """1,000 funded accounts, and one user with a 1,000,000-row history, each with a consistent chain."""
+def seed(url: str, args: argparse.Namespace) -> None:
+    """1,000 funded accounts plus one per connection for holds, and a user with a 1,000,000-row history."""
     subprocess.run(
         [sys.executable, "-m", "billing_service", "migrate"], env={**os.environ, "DATABASE_URL": url}, check=True
     )
-    params = {"accounts": ACCOUNTS, "history_user": HISTORY_USER, "rows": HISTORY_ROWS}
+    params = {"accounts": ACCOUNTS + args.connections, "history_user": HISTORY_USER, "rows": HISTORY_ROWS}
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in SEED:
-            conn.execute(statement, params)
+            conn.execute(statement, params)  # type: ignore[arg-type]
         conn.execute("VACUUM ANALYZE")
 
 
-def start_service(url: str, workers: int, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DATABASE_URL": url, "BILLING_SERVICE_TOKENS": TOKEN, "BILLING_LOG_FORMAT": "json"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "billing_service", "serve", "--port", str(port), "--workers", str(workers)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
+def create_holds(url: str, args: argparse.Namespace, description: str) -> list[str]:
+    """One root hold per wrk connection, each on its own funded account (users 1001...), by the service's own
+    HOLD_CREATE: accounts.held moves with the hold, so `billing audit` still adds up."""
+    hold_ids = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for n in range(ACCOUNTS + 1, ACCOUNTS + args.connections + 1):
+            params = {
+                "user_id": user_id(n),
+                "amount": HOLD_AMOUNT,
+                "description": description,
+                "ttl_seconds": HOLD_TTL_SECONDS,
+                "metadata": None,
+                "idempotency_key": None,
+                "request_hash": None,
+            }
+            outcome, hold_id, _, _ = conn.execute(holds_sql.HOLD_CREATE, params).fetchone()  # type: ignore[misc]
+            assert outcome == "applied", outcome
+            hold_ids.append(str(hold_id))
+    return hold_ids
+
+
+def ledger_rows(url: str, nonce: str) -> int:
+    """Ledger rows written under one workload's Idempotency-Keys (bench-<nonce>-<thread>-<n>)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM transactions WHERE idempotency_key LIKE %s", (f"bench-{nonce}-%",)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def audit(url: str) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-m", "billing_service", "audit"],
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
     )
+    if result.returncode != 0:
+        print(result.stdout[-2000:], result.stderr[-2000:], file=sys.stderr)
+    return result.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The servers
+
+
+def wait_ready(process: subprocess.Popen[bytes], port: int, what: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}; see {LOGS}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
+                return
         except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("the service did not become ready")
+            pass
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"{what} did not become ready")
 
 
-def stop_service(process: subprocess.Popen[bytes]) -> None:
+LOGS = Path(tempfile.gettempdir()) / "billing-bench-logs"
+
+
+def log_file(name: str) -> Any:
+    """Where a server's output goes (not the terminal: the service's access log is one line per request)."""
+    LOGS.mkdir(exist_ok=True)
+    return (LOGS / f"{name}.log").open("ab")
+
+
+def start_service(url: str, workers: int, port: int) -> subprocess.Popen[bytes]:
+    # The service's default config (access log, metrics, auth); BILLING_BATCH_CHARGES and friends pass through.
+    env = {**os.environ, "DATABASE_URL": url, "BILLING_SERVICE_TOKENS": TOKEN, "BILLING_LOG_FORMAT": "json"}
+    with log_file("service") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "billing_service", "serve", "--port", str(port), "--workers", str(workers)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    wait_ready(process, port, "the service")
+    return process
+
+
+def reference_command(server: str, workers: int, port: int) -> list[str]:
+    common = ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+    if server == "granian":
+        granian = Path(sys.executable).parent / "granian"
+        return [
+            str(granian) if granian.exists() else "granian",
+            "--interface",
+            "asgi",
+            "--loop",
+            "uvloop",
+            "--no-ws",
+            "--working-dir",
+            str(HERE),
+            *common,
+            "reference_app:app",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(HERE),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        *common,
+        "reference_app:app",
+    ]
+
+
+def start_reference(url: str, workers: int, port: int, server: str, driver: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DATABASE_URL": url, "REF_TOKEN": TOKEN, "REF_DRIVER": driver}
+    with log_file("reference") as log:
+        process = subprocess.Popen(
+            reference_command(server, workers, port), env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    wait_ready(process, port, f"the reference app ({server}, {driver})")
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is the server and its workers
+        process.wait()
 
 
-def wrk(script: str, port: int, args: argparse.Namespace, mode: str = "spread") -> dict[str, Any]:
-    nonce = uuid.uuid4().hex[:8]
+# ---------------------------------------------------------------------------------------------------------
+# Load
+
+
+def wrk(workload: str, port: int, args: argparse.Namespace, holds_file: Path | None) -> dict[str, Any]:
+    script, mode = SCRIPTS[workload]
+    nonce = uuid.uuid4().hex[:12]
     command = [
         "wrk",
         "-t",
-        "2",
+        str(WRK_THREADS),
         "-c",
         str(args.connections),
         "-d",
@@ -142,6 +365,8 @@ def wrk(script: str, port: int, args: argparse.Namespace, mode: str = "spread") 
         TOKEN,
         mode,
         nonce,
+        str(holds_file or ""),
+        str(WRK_THREADS),
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
@@ -151,67 +376,139 @@ def wrk(script: str, port: int, args: argparse.Namespace, mode: str = "spread") 
         "p50_ms": round(result["p50_us"] / 1000, 2),
         "p99_ms": round(result["p99_us"] / 1000, 2),
         "non_2xx": result["non_2xx"] + result["socket_errors"],
+        "socket_errors": result["socket_errors"],
         "requests": result["requests"],
+        "acked": result["requests"] - result["non_2xx"],
+        "nonce": nonce,
     }
 
 
-def pgbench_script(statement: str, hot: bool) -> str:
-    """The service's statement, verbatim, with pgbench variables in place of its bound parameters."""
-    params = {
-        "user_id": "1" if hot else None,
-        "amount": "1",
-        "description": "'pgbench charge'",
-        "metadata": "NULL::jsonb",
-        "idempotency_key": "'pgb-' || :client_id || '-' || :key",
-        "request_hash": "'\\x00'::bytea",
-    }
+def one_line(statement: str, params: dict[str, str]) -> str:
+    """A service statement, verbatim, with SQL expressions in place of its bound parameters, on one line
+    (pgbench reads a statement per line), SQL comments dropped."""
     text = statement
-    for name, value in params.items():
-        replacement = user_sql_expr("n") if name == "user_id" and value is None else value
-        if name == "user_id" and hot:
-            replacement = f"'{HOT_USER}'::uuid"
-        text = text.replace(f"%({name})s", f"({replacement})")
+    for name, expression in params.items():
+        text = text.replace(f"%({name})s", f"({expression})")
     assert "%(" not in text, re.findall(r"%\(\w+\)s", text)
-    # pgbench reads one statement per line: join the lines, dropping SQL comments first.
     lines = (re.sub(r"--.*$", "", line).strip() for line in text.strip().splitlines())
-    one_line = " ".join(line for line in lines if line)
-    return f"\\set n random(1, {ACCOUNTS})\n\\set key random(1, 9000000000000000000)\n{one_line};\n"
+    return " ".join(line for line in lines if line)
 
 
-def pgbench(binary: str, url: str, statement: str, args: argparse.Namespace, hot: bool = False) -> dict[str, Any]:
+# pgbench variables in place of each statement's bound parameters. A value with `: ` (JSON) keeps pgbench
+# from reading `:name` inside it as a variable.
+_KEY = "'pgb-' || :client_id || '-' || :key"
+_HASH = "'\\x00'::bytea"
+
+
+def pgbench_script(workload: str, connections: int) -> str:
+    """The pgbench script for a workload: the service's exact statements, pgbench variables for parameters."""
+    header = f"\\set n random(1, {ACCOUNTS})\n\\set key random(1, 9000000000000000000)\n"
+    if workload in ("charge_spread", "charge_hot"):
+        who = f"'{HOT_USER}'::uuid" if workload == "charge_hot" else user_sql_expr("n")
+        params = {
+            "user_id": who,
+            "amount": "1",
+            "description": "'pgbench charge'",
+            "metadata": "NULL::jsonb",
+            "idempotency_key": _KEY,
+            "request_hash": _HASH,
+        }
+        return header + one_line(ledger_sql.CHARGE, params) + ";\n"
+    if workload == "balance":
+        return header + one_line(ledger_sql.BALANCE_WITH_HOLDS, {"user_id": user_sql_expr("n")}) + ";\n"
+    # capture: the service's transaction, statement for statement (holds/rules.py capture()). The hold is
+    # found by the account its pgbench hold was made on (one lookup folded into LOCK_TREE's parameter); its
+    # user_id and root_id come back from LOCK_TREE through \gset, as the service reads them.
+    pgbench_hold = "AND description = 'pgbench hold' AND status = 'active' LIMIT 1"
+    hold_of = " ".join(("SELECT id FROM holds WHERE user_id =", user_sql_expr("h"), pgbench_hold))
+    tree = {"user_id": ":user_id::uuid", "root_id": ":root_id::uuid"}
+    metadata = "'" + json.dumps(CAPTURE_METADATA, separators=(",", ": ")) + "'::jsonb"
+    capture = {
+        **tree,
+        "hold_id": ":root_id::uuid",
+        "amount": "1",
+        "description": "NULL::text",
+        "metadata": metadata,
+        "final": "false",
+        "allow_overrun": "false",
+        "idempotency_key": _KEY,
+        "request_hash": _HASH,
+    }
+    return (
+        f"\\set h random({ACCOUNTS + 1}, {ACCOUNTS + connections})\n\\set key random(1, 9000000000000000000)\n"
+        "BEGIN;\n"
+        + one_line(holds_sql.LOCK_TREE, {"hold_id": hold_of})
+        + " \\gset\n"
+        + one_line(holds_sql.SWEEP_TREE, tree)
+        + ";\n"
+        + one_line(holds_sql.HOLD_CAPTURE, capture)
+        + ";\n"
+        + one_line(holds_sql.HOLD, {"hold_id": ":root_id::uuid"})
+        + ";\nCOMMIT;\n"
+    )
+
+
+def pgbench(db: Database, workload: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(pgbench_script(statement, hot))
-    command = [
-        binary,
-        "-n",
-        "-M",
-        "prepared",
-        "-c",
-        str(args.connections),
-        "-j",
-        "2",
-        "-T",
-        str(args.duration),
-        "-P",
-        "0",
-        "--log-prefix",
-        "x",
-        "-r",
-        "-f",
-        script.name,
-        url,
-    ]
-    output = subprocess.run(
-        [c for c in command if c not in ("-P", "0", "--log-prefix", "x")], capture_output=True, text=True, check=True
-    ).stdout
-    tps = float(re.search(r"tps = ([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    latency = float(re.search(r"latency average = ([\d.]+) ms", output).group(1))  # type: ignore[union-attr]
-    failed = (
-        int(re.search(r"number of failed transactions: (\d+)", output).group(1))
-        if "failed transactions" in output
-        else 0
-    )  # type: ignore[union-attr]
-    return {"tps": round(tps, 1), "avg_ms": latency, "failed": failed}
+        script.write(pgbench_script(workload, args.connections))
+    command = [db.pgbench, "-n", "-M", "prepared", "-c", str(args.connections), "-j", str(WRK_THREADS)]
+    command += ["-T", str(args.duration), "-f", script.name, db.url]
+    before = db.cpu_seconds(exited=True)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    time.sleep(0.2)  # the postmaster reaps pgbench's backends
+    cpu = db.cpu_seconds(exited=True) - before
+    os.unlink(script.name)
+    if completed.returncode != 0:
+        raise RuntimeError(f"pgbench {workload} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}")
+    output = completed.stdout
+
+    def figure(pattern: str) -> float:
+        match = re.search(pattern, output)
+        return float(match.group(1)) if match else 0.0
+
+    tps = figure(r"tps = ([\d.]+)")
+    done = figure(r"number of transactions actually processed: (\d+)")
+    return {
+        "tps": round(tps, 1),
+        "avg_ms": figure(r"latency average = ([\d.]+) ms"),
+        "failed": int(figure(r"number of failed transactions: (\d+)")),
+        "transactions": int(done),
+        "pg_cpu_us_per_op": round(cpu / done * 1e6, 1) if done else None,
+    }
+
+
+def drive(db: Database, port: int, workloads: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """Every selected workload against one running server, each measured, PostgreSQL's CPU sampled around it,
+    and each write reconciled with the ledger."""
+    figures: dict[str, Any] = {}
+    for workload in workloads:
+        holds_file = None
+        if workload == "capture":
+            holds_file = Path(tempfile.mkstemp(prefix="bench-holds-", suffix=".txt")[1])
+            holds_file.write_text("\n".join(create_holds(db.url, args, f"bench hold {label}")) + "\n")
+        before = db.cpu_seconds()
+        result = wrk(workload, port, args, holds_file)
+        cpu = db.cpu_seconds() - before
+        if holds_file is not None:
+            holds_file.unlink()
+        result["pg_cpu_us_per_op"] = round(cpu / result["acked"] * 1e6, 1) if result["acked"] else None
+        if workload in WRITES:
+            # wrk stops counting at its deadline while up to one request per connection is in flight; those
+            # commit. So: the acknowledged requests, plus at most one per connection.
+            rows = ledger_rows(db.url, result["nonce"])
+            result["ledger_rows"] = rows
+            result["ledger_matches_acks"] = 0 <= rows - result["acked"] <= args.connections
+        figures[workload] = result
+        print(
+            f"  {label:<10} {workload:<14} {result['rps']:>9} req/s  p99 {result['p99_ms']} ms"
+            f"  non-2xx {result['non_2xx']}",
+            flush=True,
+        )
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------
+# History (service only)
 
 
 def history(port: int, server: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -262,16 +559,27 @@ def download(client: httpx.Client) -> dict[str, Any]:
     return {"ttfb_ms": round((first_byte or 0) * 1000, 1), "total_s": round(total, 2), "bytes": size}
 
 
-def audit_and_count(url: str) -> tuple[bool, int]:
-    result = subprocess.run(
-        [sys.executable, "-m", "billing_service", "audit"],
-        env={**os.environ, "DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-    )
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM transactions WHERE description = 'bench charge'").fetchone()
-    return result.returncode == 0, int(row[0]) if row else 0
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_server(
+    db: Database,
+    start: Callable[[], subprocess.Popen[bytes]],
+    port: int,
+    workloads: list[str],
+    args: argparse.Namespace,
+    label: str,
+    with_history: bool = False,
+) -> dict[str, Any]:
+    process = start()
+    try:
+        figures = drive(db, port, workloads, args, label)
+        if with_history:
+            figures["history_1m"] = history(port, process)
+    finally:
+        stop(process)
+    figures["audit_clean"] = audit(db.url)
+    return figures
 
 
 def main() -> None:
@@ -280,85 +588,223 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15, help="seconds per workload")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--database-url", default=None, help="a server to create a fresh database on")
+    parser.add_argument("--keep-database", action="store_true", help="do not drop the --database-url database")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"a subset of {','.join(WORKLOADS)}")
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--skip-pgbench", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--reference-server",
+        choices=("granian", "uvicorn"),
+        default="granian",
+        help="the reference app's server (granian measured faster here; see docs/performance.md)",
+    )
+    parser.add_argument("--reference-driver", choices=("psycopg", "asyncpg"), default="psycopg")
+    parser.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help="also run the reference app on granian and uvicorn, with psycopg and asyncpg, and compare",
+    )
     args = parser.parse_args()
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
 
-    url, pgbench_binary, _server = database(args)
-    print("seeding 1,000 accounts and a 1,000,000-row history ...", flush=True)
-    seed(url)
-    ledger_rows = 0
-    results: dict[str, Any] = {"connections": args.connections, "duration_s": args.duration, "runs": []}
-
-    print("pgbench: the service's exact SQL, no HTTP, no Python ...", flush=True)
-    limit = {
-        "charge_spread": pgbench(pgbench_binary, url, sql.CHARGE, args),
-        "charge_hot": pgbench(pgbench_binary, url, sql.CHARGE, args, hot=True),
-        "balance": pgbench(pgbench_binary, url, sql.BALANCE, args),
-    }
-    results["pgbench"] = limit
-
-    for workers in [int(w) for w in args.workers.split(",")]:
-        port = 18000 + workers
-        server = start_service(url, workers, port)
-        try:
-            print(f"service with {workers} worker(s) ...", flush=True)
-            run: dict[str, Any] = {"workers": workers}
-            acked = 0
-            run["charge_spread"] = wrk("charge.lua", port, args, "spread")
-            run["charge_hot"] = wrk("charge.lua", port, args, "hot")
-            acked += run["charge_spread"]["requests"] - run["charge_spread"]["non_2xx"]
-            acked += run["charge_hot"]["requests"] - run["charge_hot"]["non_2xx"]
-            run["balance"] = wrk("balance.lua", port, args, "spread")
-            if not args.skip_history:
-                run["history_1m"] = history(port, server)
-        finally:
-            stop_service(server)
-        clean, rows = audit_and_count(url)
-        # wrk stops counting at the deadline; requests then in flight may still commit, at most one per connection.
-        run["audit_clean"] = clean
-        run["acked_charges"] = acked
-        run["ledger_charges_added"], ledger_rows = rows - ledger_rows, rows
-        # Exactly the acknowledged charges, plus at most one in flight per connection per charge workload
-        # when wrk's clock ran out (those committed, but wrk stopped counting).
-        in_flight = run["ledger_charges_added"] - acked
-        run["ledger_matches_acks"] = 0 <= in_flight <= 2 * args.connections
-        results["runs"].append(run)
-
+    started = time.monotonic()
+    db = Database(args)
+    try:
+        results = bench(db, workloads, args)
+    finally:
+        db.close(args.keep_database)
+    results["elapsed_s"] = round(time.monotonic() - started)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    print(f"\n{results['elapsed_s']} s in all; results in {RESULTS / 'latest.json'}")
+
+
+def bench(db: Database, workloads: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    print(f"PostgreSQL {db.version} ({db.kind}); seeding 1,000 accounts and a 1,000,000-row history ...", flush=True)
+    seed(db.url, args)
+    results: dict[str, Any] = {
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "postgresql": {"version": db.version, "kind": db.kind},
+        "service": {"batch_charges": os.environ.get("BILLING_BATCH_CHARGES")},
+        "reference": {"server": args.reference_server, "driver": args.reference_driver},
+        "pgbench": {},
+        "runs": [],
+    }
+    if not args.skip_pgbench:
+        print("pgbench: the service's exact SQL, no HTTP, no Python ...", flush=True)
+        if "capture" in workloads:
+            create_holds(db.url, args, "pgbench hold")
+        for workload in workloads:
+            results["pgbench"][workload] = figures = pgbench(db, workload, args)
+            print(f"  pgbench    {workload:<14} {figures['tps']:>9} tps", flush=True)
+        results["pgbench"]["audit_clean"] = audit(db.url)
+
+    for workers in [int(w) for w in args.workers.split(",")]:
+        port = 18000 + workers
+        run: dict[str, Any] = {"workers": workers}
+        print(f"service with {workers} worker(s) ...", flush=True)
+        run["service"] = run_server(
+            db,
+            lambda: start_service(db.url, workers, port),  # noqa: B023 - called before the loop moves on
+            port,
+            workloads,
+            args,
+            "service",
+            with_history=not args.skip_history,
+        )
+        if not args.skip_reference:
+            server, driver = args.reference_server, args.reference_driver
+            print(f"reference app ({server}, {driver}) with {workers} worker(s) ...", flush=True)
+            run["reference"] = run_server(
+                db,
+                lambda: start_reference(db.url, workers, port, server, driver),  # noqa: B023
+                port,
+                workloads,
+                args,
+                "reference",
+            )
+        if args.compare_reference:
+            run["reference_variants"] = compare_reference(db, workers, port, workloads, args)
+        results["runs"].append(run)
+    return results
+
+
+def compare_reference(
+    db: Database, workers: int, port: int, workloads: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The reference app on each server with each driver, on the read and write workloads."""
+    variants: dict[str, Any] = {}
+    chosen = [w for w in workloads if w != "charge_hot"]  # the hot row is PostgreSQL's limit, not Python's
+    for server in ("granian", "uvicorn"):
+        for driver in ("psycopg", "asyncpg"):
+            label = f"{server}+{driver}"
+            print(f"reference app ({label}) with {workers} worker(s) ...", flush=True)
+            variants[label] = run_server(
+                db,
+                lambda: start_reference(db.url, workers, port, server, driver),  # noqa: B023
+                port,
+                chosen,
+                args,
+                label[:10],
+            )
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+
+
+def _num(value: Any, width: int, digits: int | None = None) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if digits is not None:
+        return f"{value:>{width}.{digits}f}"
+    return f"{value:>{width}}"
+
+
+def _ratio(numerator: dict[str, Any] | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return float(numerator["rps"]) / denominator
 
 
 def print_table(results: dict[str, Any]) -> None:
-    limit = results["pgbench"]
-    print(f"\n{results['connections']} connections, {results['duration_s']} s per workload\n")
+    pg, ref = results["postgresql"], results["reference"]
+    batch = results["service"]["batch_charges"]
+    print(
+        f"\nPostgreSQL {pg['version']} ({pg['kind']}), fsync and synchronous_commit on; "
+        f"{results['connections']} connections, {results['duration_s']} s per workload"
+    )
+    print(
+        "service: billing serve --workers N, default config (access log, metrics, auth); "
+        f"BILLING_BATCH_CHARGES={batch if batch is not None else 'unset'}"
+    )
+    print(f"reference: bench/reference_app.py on {ref['server']} with {ref['driver']}, same worker count")
+    print("pgbench: the same statements, -M prepared, no HTTP, no Python\n")
     header = (
-        f"{'workload':<22}{'workers':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
-        f"{'pgbench/s':>11}{'ratio':>8}"
+        f"{'workload':<21}{'wk':>3} |{'service/s':>10}{'p50':>7}{'p99':>7}{'n2xx':>6} |"
+        f"{'ref/s':>9}{'p50':>7}{'p99':>7}{'n2xx':>6} |{'pgbench/s':>10} |{'svc/ref':>8}{'svc/pgb':>8} |"
+        f"{'svc/wk':>8} |{'PG CPU µs/op: svc':>18}{'ref':>6}{'pgb':>6}"
     )
     print(header)
     print("-" * len(header))
+    pgbench = results["pgbench"]
     for run in results["runs"]:
-        for name in ("charge_spread", "charge_hot", "balance"):
-            figures, base = run[name], limit[name]["tps"]
+        service, reference = run["service"], run.get("reference", {})
+        for workload in WORKLOADS:
+            if workload not in service:
+                continue
+            s, r, p = service[workload], reference.get(workload), pgbench.get(workload)
+            tps = p["tps"] if p else None
             print(
-                f"{name:<22}{run['workers']:>8}{figures['rps']:>10}{figures['p50_ms']:>9}{figures['p99_ms']:>9}"
-                f"{figures['non_2xx']:>9}{base:>11}{figures['rps'] / base:>8.2f}"
+                f"{LABELS[workload]:<21}{run['workers']:>3} |{s['rps']:>10}{s['p50_ms']:>7.1f}{s['p99_ms']:>7.1f}"
+                f"{s['non_2xx']:>6} |"
+                + (
+                    f"{r['rps']:>9}{r['p50_ms']:>7.1f}{r['p99_ms']:>7.1f}{r['non_2xx']:>6} |"
+                    if r
+                    else f"{'-':>9}{'-':>7}{'-':>7}{'-':>6} |"
+                )
+                + f"{_num(tps, 10)} |{_num(_ratio(s, r['rps'] if r else None), 8, 2)}{_num(_ratio(s, tps), 8, 2)} |"
+                f"{s['rps'] / run['workers']:>8.1f} |{_num(s['pg_cpu_us_per_op'], 18)}"
+                f"{_num(r['pg_cpu_us_per_op'] if r else None, 6, 0)}{_num(p['pg_cpu_us_per_op'] if p else None, 6, 0)}"
             )
-        if "history_1m" in run:
-            h = run["history_1m"]
-            print(
-                f"{'history 1M rows':<22}{run['workers']:>8}  first byte {h['ttfb_ms']} ms (cold worker: "
-                f"{h['ttfb_cold_ms']} ms), total {h['total_s']} s, "
-                f"RSS growth {h['rss_growth_mb']} MB"
-            )
+    print()
+    for run in results["runs"]:
+        print_checks(run, pgbench, results["connections"])
+    if pgbench:
+        print(f"pgbench: audit {'clean' if pgbench.get('audit_clean') else 'DRIFT'}")
+
+
+def print_checks(run: dict[str, Any], pgbench: dict[str, Any], connections: int) -> None:
+    workers = run["workers"]
+    service = run["service"]
+    if "history_1m" in service:
+        h = service["history_1m"]
         print(
-            f"{'audit':<22}{run['workers']:>8}  {'clean' if run['audit_clean'] else 'DRIFT'}; "
-            f"acked charges {run['acked_charges']}, ledger rows added {run['ledger_charges_added']} "
-            f"({'consistent' if run['ledger_matches_acks'] else 'MISMATCH'})"
+            f"history 1M rows, {workers} worker(s): first byte {h['ttfb_ms']} ms "
+            f"(cold worker: {h['ttfb_cold_ms']} ms), total {h['total_s']} s, RSS growth {h['rss_growth_mb']} MB"
         )
+    servers = {"service": service, "reference": run.get("reference"), **run.get("reference_variants", {})}
+    for name, figures in servers.items():
+        if not figures:
+            continue
+        writes = [
+            f"{w} {figures[w]['ledger_rows']}/{figures[w]['acked']}"
+            + ("" if figures[w]["ledger_matches_acks"] else " MISMATCH")
+            for w in WRITES
+            if w in figures
+        ]
+        print(
+            f"{name}, {workers} worker(s): audit {'clean' if figures['audit_clean'] else 'DRIFT'}; "
+            f"ledger rows/acked (≤ +{connections} in flight at wrk's deadline): {', '.join(writes) or '-'}"
+        )
+    if run.get("reference_variants"):
+        print(f"\nreference app variants, {workers} worker(s): req/s (p99 ms)")
+        for name, figures in run["reference_variants"].items():
+            cells = [f"{w} {figures[w]['rps']} ({figures[w]['p99_ms']})" for w in WORKLOADS if w in figures]
+            print(f"  {name:<18}" + "; ".join(cells))
+    verdicts = []
+    for workload, figure, baseline, bound in TARGETS:
+        if workload not in service:
+            continue
+        value = service[workload][figure]
+        if baseline is None:
+            verdicts.append(f"{workload} p99 {value} ≤ {bound:g} ms {'ok' if value <= bound else 'MISS'}")
+            continue
+        base = (run.get("reference") or {}).get(workload) if baseline == "reference" else pgbench.get(workload)
+        if not base:
+            continue
+        ratio = value / (base["rps"] if baseline == "reference" else base["tps"])
+        verdicts.append(f"{workload} {ratio:.2f}× {baseline} ≥ {bound:g} {'ok' if ratio >= bound else 'MISS'}")
+    print(f"targets, {workers} worker(s): " + "; ".join(verdicts))
 
 
 if __name__ == "__main__":

@@ -86,12 +86,12 @@ def test_a_missing_or_unsafe_request_id_is_replaced_by_a_generated_one(logged: t
     assert {generated, replaced, spaced} <= {record.get("request_id") for record in records}
 
 
-def test_every_line_is_structured_and_uvicorn_lines_go_through_structlog(logged: tuple[LiveServer, Path]) -> None:
+def test_every_line_is_structured_and_the_servers_lines_go_through_structlog(logged: tuple[LiveServer, Path]) -> None:
     _, log_path = logged
-    lines = log_lines(log_path, "Application startup complete")
+    lines = log_lines(log_path, "Started worker-2")
     assert [line for line in lines if not line.startswith(("{", "billing_service on "))] == []
     records = json_records(lines)
-    assert any(r["logger"] == "uvicorn.error" and r["event"] == "Application startup complete." for r in records)
+    assert any(r["logger"].startswith("_granian") and r["event"] == "Started worker-2" for r in records)
     assert all({"event", "level", "timestamp", "logger"} <= record.keys() for record in records)
 
 

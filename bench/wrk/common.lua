@@ -1,9 +1,10 @@
 -- Shared by the workloads: user ids are the bench's seeded ones, 00000000-0000-4000-8000-<12-digit n>.
--- Args (after --): token, mode ("spread" or "hot"), nonce (makes Idempotency-Keys unique per run).
+-- Args (after --): token, mode ("spread", "hot" or "holds"), nonce (makes Idempotency-Keys unique per run),
+-- then for captures a file of hold ids (one a line) and the number of wrk threads.
 local counter = 0
 
 local threads = {}
-token, mode, nonce = "", "spread", "0"
+token, mode, nonce, holds_file, thread_count = "", "spread", "0", "", 1
 
 function setup(thread)
   thread:set("thread_id", #threads + 1)
@@ -12,6 +13,7 @@ end
 
 function init(args)
   token, mode, nonce = args[1], args[2] or "spread", args[3] or "0"
+  holds_file, thread_count = args[4] or "", tonumber(args[5] or "1")
   math.randomseed(os.time() * 1000 + (thread_id or 0))
 end
 

@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Edge:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dispatching
             pool_sampler.cancel()
+            app.state.http_metrics.flush()
             metrics.worker_exiting()
             if app.state.batcher is not None:
                 await app.state.batcher.close()

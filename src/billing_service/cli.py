@@ -162,7 +162,15 @@ def _serve_granian(host: str, port: int, workers: int, log_level: str) -> None:
         interface=Interfaces.ASGI,
         loop=Loops.uvloop,
         log_level=LogLevels(log_level),
-        log_dictconfig={"version": 1, "disable_existing_loggers": False},  # ours: billing_service.logs
+        # granian's own lines propagate to the root handler that billing_service.logs installed: one format.
+        log_dictconfig={
+            "version": 1,
+            "disable_existing_loggers": False,
+            "loggers": {
+                "_granian": {"handlers": [], "propagate": True},
+                "granian.access": {"handlers": [], "propagate": False},
+            },
+        },
         log_access=False,  # the edge logs each request, with its request id
         # A worker killed by the OS (OOM, kill -9) is replaced at once; its in-flight requests were not
         # acknowledged, and their retries with the same Idempotency-Key are safe.

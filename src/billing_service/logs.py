@@ -132,7 +132,7 @@ class AccessLog:
             return
         # The request id is already restricted to safe characters; the path is the client's, so escape it,
         # and scrub it like any other logged string.
-        path = _redactor.scrub(path)
+        path, request_id = _redactor.scrub(path), _redactor.scrub(request_id)
         timestamp = self._timestamp()
         if self.console:
             line = (

@@ -40,11 +40,12 @@ http_requests = Counter(
     "HTTP requests answered, by route template and status.",
     ["method", "route", "status"],
 )
+HTTP_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 http_request_duration = Histogram(
     "billing_http_request_duration_seconds",
     "Time from the request's arrival to its last response byte, by route template and status.",
     ["method", "route", "status"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    buckets=HTTP_DURATION_BUCKETS,
 )
 tokens_debited = Counter(
     "billing_tokens_debited_total", "Tokens debited by charges and hold captures (replays not counted)."
@@ -127,9 +128,10 @@ class BatcherSampler:
 
 
 async def sample_forever(state: Any) -> None:
-    """Every second: this worker's pool gauges, and its batcher's new batches if it batches charges."""
+    """Every second: this worker's HTTP tallies, pool gauges, and its batcher's new batches if it batches."""
     batcher_sampler = BatcherSampler()
     while True:
+        state.http_metrics.flush()
         sample_pool(state.pool)
         batcher = getattr(state, "batcher", None)
         if batcher is not None:

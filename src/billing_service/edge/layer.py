@@ -45,8 +45,9 @@ log = get_logger("billing_service.edge")
 class _Refused(Exception):
     """Raised inside the edge to answer at once with a BillingError's status and body."""
 
-    def __init__(self, error: BillingError) -> None:
+    def __init__(self, error: BillingError, *, body_read: bool = True) -> None:
         self.error = error
+        self.body_read = body_read
 
 
 class Edge:
@@ -54,8 +55,9 @@ class Edge:
         self.app = app
         self.settings = settings
         self.max_body = settings.max_body_bytes
-        self.lane = FastLane(fast_routes)
-        self.metrics = HttpMetrics()
+        # Off, every request goes through FastAPI: the same answers, slower (for measuring, or as an escape hatch).
+        self.lane = FastLane(fast_routes if settings.fast_lane else [])
+        self.metrics = app.state.http_metrics = HttpMetrics()
         self.access_log = (
             AccessLog(
                 log_format=settings.log_format or ("console" if settings.embedded else "json"),
@@ -84,6 +86,8 @@ class Edge:
                 content_type = value
             elif name == b"idempotency-key":
                 idempotency_key = idempotency_key or value
+            elif name == b"transfer-encoding":
+                content_length = content_length or b"chunked"
         if request_id is not None:
             candidate = request_id.decode("latin-1")
             request_id = candidate if _REQUEST_ID.fullmatch(candidate) else None
@@ -116,10 +120,12 @@ class Edge:
                 receive = outcome  # handed over to FastAPI, with the body the lane already read
             scope.setdefault("state", {})["caller"] = caller
             await self.app(scope, self._limited(receive), send_with_request_id)
-        except _Refused as refused:
-            status = await self._send_error(send, refused.error, request_id_header)
-        except BillingError as error:
-            status = await self._send_error(send, error, request_id_header)
+        except (_Refused, BillingError) as refused:
+            error = refused.error if isinstance(refused, _Refused) else refused
+            # Refused before its body was read: the unread bytes make the connection unusable for a next
+            # request, so say it closes (servers then close it, and clients do not reuse it).
+            unread = content_length not in (None, b"0") and not (isinstance(refused, _Refused) and refused.body_read)
+            status = await self._send_error(send, error, request_id_header, close=unread)
         finally:
             elapsed = time.perf_counter() - started
             route = route or route_template(scope, self.app)
@@ -206,9 +212,13 @@ class Edge:
         await _send_answer(send, answer.status, answer.body, [*answer.raw_headers(), request_id_header])
         return answer.status
 
-    async def _send_error(self, send: Send, error: BillingError, request_id_header: tuple[bytes, bytes]) -> int:
+    async def _send_error(
+        self, send: Send, error: BillingError, request_id_header: tuple[bytes, bytes], *, close: bool = False
+    ) -> int:
         body = codec.error_body(error.detail, error.code)
         headers = [codec.JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), request_id_header]
+        if close:
+            headers.append((b"connection", b"close"))
         headers += [(name.lower().encode(), value.encode()) for name, value in (error.headers() or {}).items()]
         await _send_answer(send, error.status_code, body, headers)
         return error.status_code
@@ -219,11 +229,14 @@ class Edge:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                raise _Refused(BillingError("The client disconnected.", code="client_disconnected", status_code=499))
+                raise _Refused(
+                    BillingError("The client disconnected.", code="client_disconnected", status_code=499),
+                    body_read=False,
+                )
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise _Refused(PayloadTooLarge(f"Bodies are limited to {self.max_body} bytes."))
+                raise _Refused(PayloadTooLarge(f"Bodies are limited to {self.max_body} bytes."), body_read=False)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -40,7 +40,7 @@ from billing_service.errors import (
     InsufficientBalance,
 )
 from billing_service.events import config as events
-from billing_service.idempotency import request_hash
+from billing_service.idempotency import posting_hash
 from billing_service.ledger import rules as ledger
 from billing_service.ledger import sql
 
@@ -118,7 +118,7 @@ class ChargeBatcher:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> ledger.Posted:
-        digest = request_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
+        digest = posting_hash("charge", user_id=user_id, amount=amount, description=description, metadata=metadata)
         item = _Charge(
             user_id, amount, description, metadata, idempotency_key, digest, asyncio.get_running_loop().create_future()
         )

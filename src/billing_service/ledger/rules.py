@@ -31,7 +31,7 @@ from billing_service.errors import (
 from billing_service.events import config as events
 from billing_service.events.rules import notify_depleted
 from billing_service.holds.rules import release_expired_holds
-from billing_service.idempotency import request_hash
+from billing_service.idempotency import posting_hash
 from billing_service.ledger import sql
 
 HISTORY_STREAM_BATCH = 2000
@@ -76,7 +76,7 @@ async def _post(
     """(outcome, what was posted, and for a refusal whether balance.depleted was already notified)."""
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
     digest = (
-        request_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+        posting_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
         if idempotency_key is not None
         else None
     )

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from billing_service import db, metrics
+from billing_service.console.routes import router as console_router
 from billing_service.edge.layer import Edge
 from billing_service.edge.telemetry import router as metrics_router
 from billing_service.errors import install_error_handlers
@@ -78,6 +79,8 @@ def create_app(settings: Settings | None = None) -> Edge:
     app.include_router(events_router)
     app.include_router(health)
     app.include_router(metrics_router)
+    if settings.console:
+        app.include_router(console_router)
     app.state.settings = settings
     install_error_handlers(app)
     return Edge(app, settings, [*ledger_fast_routes, *holds_fast_routes])

@@ -109,7 +109,7 @@ class Edge:
             caller = None
             if path.startswith(_AUTHENTICATED_PREFIXES):
                 caller = authenticate(authorization.decode("latin-1") if authorization else None, self.settings)
-            self._guard(method, content_length, content_type)
+            self._guard(method, path, content_length, content_type)
             matched = self.lane.match(method, path) if not scope["query_string"] else None
             if matched is not None and caller is not None:
                 route = matched[0].template
@@ -144,12 +144,15 @@ class Edge:
             # Not cleared: the server logs an unhandled exception after this returns, and that line should
             # carry the request id too. Each request runs in its own task, so nothing leaks.
 
-    def _guard(self, method: str, content_length: bytes | None, content_type: bytes | None) -> None:
+    def _guard(self, method: str, path: str, content_length: bytes | None, content_type: bytes | None) -> None:
         if content_length is not None and (not content_length.isdigit() or int(content_length) > self.max_body):
             raise PayloadTooLarge(f"Bodies are limited to {self.max_body} bytes.")
         if content_type is not None and method in _WRITES:
             media_type = content_type.split(b";")[0].strip().lower()
             if media_type != b"application/json" and not media_type.endswith(b"+json"):
+                # The console's HTML forms (checked after the JSON test: no cost to an API write).
+                if media_type == b"application/x-www-form-urlencoded" and path.startswith("/console/"):
+                    return
                 raise BillingError(
                     "Send the body as JSON (Content-Type: application/json).",
                     code="unsupported_media_type",

@@ -53,7 +53,8 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def demo_user(server: LiveServer) -> uuid.UUID:
-    user = uuid.uuid4()
+    # Fixed, so the screenshots show the same (seeded) month each run; every test session has a fresh database.
+    user = uuid.UUID("6f1c1f0e-2b7a-4a53-9d2e-2b8f7f0c9a01")
     done = subprocess.run(
         [sys.executable, "-m", "billing_service", "demo", "--user-id", str(user)],
         env=server.env,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import httpx
+
 from conftest import LiveServer, fund, user_jwt
 
 

@@ -3,7 +3,8 @@
 For every request, in this order:
 1. a request id: the caller's X-Request-ID if short and plain, else a new one; echoed on the answer and
    bound to every log line of the request;
-2. authentication of /billing and /console requests, before the body is read (401 fails closed);
+2. authentication of /billing requests, before the body is read (401 fails closed); /console checks its
+   own session cookie (console/routes.py);
 3. the body guard: 413 over BILLING_MAX_BODY_BYTES (from Content-Length, or as a chunked body passes it),
    415 for a write whose declared Content-Type is not JSON;
 4. the hot routes through the fast lane (`fast_lane`), everything else through FastAPI;

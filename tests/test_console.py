@@ -11,6 +11,7 @@ import io
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +276,39 @@ def test_sign_in_refusals_and_headers(server: LiveServer) -> None:
         forged = httpx.get(f"{server.base_url}/console/accounts", cookies={"billing_console": "a.9999999999.b"})
         assert forged.status_code == 303
         assert http.get("/console/static/../../settings.py").status_code == 404
+
+
+def test_webhooks_page_shows_deliveries_and_their_status(
+    console: Console, client: httpx.Client, db: Any, user_id: uuid.UUID
+) -> None:
+    # Registered straight in the table: the API refuses a loopback receiver (SSRF guard), and so does the
+    # dispatcher at delivery time, which is what this test wants: a delivery that failed with a reason, and
+    # no traffic at all.
+    (webhook_id,) = db.execute(
+        "INSERT INTO webhooks (url, events, description, secret) VALUES (%s, %s, %s, %s) RETURNING id",
+        ("http://127.0.0.1:9/console-test", ["balance.depleted"], "console <b>test</b>", "whsec_" + "A" * 32),
+    ).fetchone()
+    try:
+        fund(client, user_id, 5)
+        assert (
+            client.post(
+                "/billing/charge-tokens", json={"user_id": str(user_id), "amount": 50, "description": "too much"}
+            ).status_code
+            == 402
+        )  # balance.depleted
+        for _ in range(300):  # the dispatcher fans out and tries once; bounded, no timing asserted
+            deliveries = client.get(f"/billing/webhooks/{webhook_id}/deliveries").json()
+            if deliveries and deliveries[0]["attempts"] >= 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"no delivery attempt: {deliveries}")
+        console.sign_in(SERVICE_TOKEN)
+        console.open("/console/webhooks")
+        section = console.page.locator("section", has_text="http://127.0.0.1:9/console-test")
+        text = section.inner_text()
+        assert "balance.depleted" in text and "destination refused" in text
+        assert "console <b>test</b>" in text  # escaped, shown as text
+        assert section.locator(".badge").first.inner_text() in {"pending", "failed"}
+    finally:
+        client.delete(f"/billing/webhooks/{webhook_id}")

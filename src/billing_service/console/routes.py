@@ -131,7 +131,10 @@ def _chrome(request: Request, session: Session) -> dict[str, Any]:
 
 async def _form(request: Request) -> dict[str, str]:
     body = (await request.body()).decode("utf-8", errors="replace")
-    return {name: values[0] for name, values in parse_qs(body, max_num_fields=10).items()}
+    try:
+        return {name: values[0] for name, values in parse_qs(body, max_num_fields=10).items()}
+    except ValueError:  # more fields than any console form has
+        return {}
 
 
 def _signed_in_elsewhere(request: Request, session: Session, message: str, status: int) -> Response:

@@ -64,3 +64,25 @@ def test_recent_events(client: httpx.Client, server: LiveServer, user_id: uuid.U
     with server.client(user_jwt(user_id)) as user:
         assert len(user.get(f"/billing/events/recent/{user_id}").json()) == 2
         assert user.get(f"/billing/events/recent/{uuid.uuid4()}").status_code == 403
+
+
+def test_session_cookies_are_signed_with_a_key_every_worker_derives_alike() -> None:
+    import time
+
+    from billing_service.console import sessions
+    from billing_service.settings import Settings
+
+    one = Settings(service_tokens="a,b", jwt_secret="s" * 32)  # type: ignore[arg-type]
+    same = Settings(service_tokens="b,a", jwt_secret="s" * 32)  # type: ignore[arg-type]
+    rotated = Settings(service_tokens="a,c", jwt_secret="s" * 32)  # type: ignore[arg-type]
+    key = sessions.signing_key(one)
+    assert key == sessions.signing_key(same) != sessions.signing_key(rotated)
+    later = int(time.time()) + 600
+    cookie = sessions.cookie_value(key, "sid", later)
+    assert sessions.parse_cookie(key, cookie) == "sid"
+    assert sessions.parse_cookie(sessions.signing_key(rotated), cookie) is None
+    assert sessions.parse_cookie(key, cookie.replace(str(later), str(later + 1))) is None  # expiry tampered
+    assert sessions.parse_cookie(key, sessions.cookie_value(key, "sid", int(time.time()) - 1)) is None  # expired
+    assert sessions.csrf_ok(key, "sid", sessions.csrf_token(key, "sid"))
+    assert not sessions.csrf_ok(key, "other", sessions.csrf_token(key, "sid"))
+    assert not sessions.csrf_ok(key, "sid", None)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from billing_service import db, metrics
 from billing_service.callers.routes import router as tokens_router
 from billing_service.callers.rules import DatabaseTokens
+from billing_service.console.routes import router as console_router
 from billing_service.edge.auth import Authenticator
 from billing_service.edge.layer import Edge
 from billing_service.edge.limits import RateLimiter
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> Edge:
     app.include_router(tokens_router)
     app.include_router(health)
     app.include_router(metrics_router)
+    if settings.console:
+        app.include_router(console_router)
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
     app.state.limiter = RateLimiter(settings)

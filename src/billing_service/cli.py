@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import typer
 
@@ -357,6 +357,24 @@ def audit() -> None:
         typer.echo(f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems")
         raise typer.Exit(code=1)
     typer.echo(f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, all holds add up")
+
+
+@app.command()
+def demo(
+    user_id: Annotated[UUID | None, typer.Option(help="The new demo account's user id (default: a fresh one).")] = None,
+) -> None:
+    """Seed a realistic new account (a month of agent runs on three models, top-ups, open holds) for the console."""
+    from billing_service.console import demo as console_demo
+
+    settings = get_settings()
+    url = _ready_database_url(settings)
+    chosen = user_id or uuid4()
+    summary = _run(settings, url, lambda pool: console_demo.seed(pool, user_id=chosen))
+    typer.echo(
+        f"demo account {summary.user_id}: {summary.transactions} transactions, {summary.runs} runs, "
+        f"balance {summary.balance}, held {summary.held}"
+    )
+    typer.echo(f"see it at /console/accounts/{summary.user_id} (a user JWT: `billing user-token {summary.user_id}`)")
 
 
 @app.command("user-token")

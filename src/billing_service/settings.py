@@ -39,6 +39,8 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_ACCESS_LOG_SAMPLE  | share of 2xx/3xx access lines kept (1.0); 4xx and 5xx always logged   |
 | BILLING_FAST_LANE          | serve charge/credit/balance/capture without the framework (true)      |
 | BILLING_METRICS_TOKEN      | if set, GET /metrics needs `Authorization: Bearer <it>`; unset: open  |
+| BILLING_CONSOLE           | serve the web console at /console (true)                              |
+| BILLING_CONSOLE_SESSION_SECONDS | lifetime of a console sign-in, seconds (1800)                   |
 | PROMETHEUS_MULTIPROC_DIR   | where workers share metric samples; `billing serve` makes a fresh one |
 """
 
@@ -99,6 +101,8 @@ class Settings(BaseSettings):
     events_retention_days: float = Field(default=30.0, gt=0)
     hold_sweep_interval: float = Field(default=5.0, gt=0)
     hold_sweep_delay: float = Field(default=5.0, ge=0)
+    console: bool = True
+    console_session_seconds: int = Field(default=1800, ge=60, le=86_400)
 
     @field_validator("service_tokens", mode="before")
     @classmethod

@@ -3,8 +3,8 @@
 For every request, in this order:
 1. a request id: the caller's X-Request-ID if short and plain, else a new one; echoed on the answer and
    bound to every log line of the request;
-2. authentication of /billing and /console requests, before the body is read (401 fails closed), and the
-   scope the route needs (403 insufficient_scope; `edge.auth`);
+2. authentication of /billing requests, before the body is read (401 fails closed), and the scope the route
+   needs (403 insufficient_scope; `edge.auth`); /console checks its own session cookie (console/routes.py);
 3. the body guard: 413 over BILLING_MAX_BODY_BYTES (from Content-Length, or as a chunked body passes it),
    415 for a write whose declared Content-Type is not JSON;
    then the per-token rate limit of writes (429 rate_limited; `edge.limits`, in memory);
@@ -129,7 +129,7 @@ class Edge:
                 )
                 template = matched[0].template if matched is not None else self.scopes.template(path)
                 authorize_scope(caller, required_scope(method, template))
-            self._guard(method, content_length, content_type)
+            self._guard(method, path, content_length, content_type)
             if caller is not None and caller.service and method not in _READS:
                 try:
                     self.limiter.check_token(caller.name)
@@ -171,12 +171,15 @@ class Edge:
             # Not cleared: the server logs an unhandled exception after this returns, and that line should
             # carry the request id too. Each request runs in its own task, so nothing leaks.
 
-    def _guard(self, method: str, content_length: bytes | None, content_type: bytes | None) -> None:
+    def _guard(self, method: str, path: str, content_length: bytes | None, content_type: bytes | None) -> None:
         if content_length is not None and (not content_length.isdigit() or int(content_length) > self.max_body):
             raise PayloadTooLarge(f"Bodies are limited to {self.max_body} bytes.")
         if content_type is not None and method in _WRITES:
             media_type = content_type.split(b";")[0].strip().lower()
             if media_type != b"application/json" and not media_type.endswith(b"+json"):
+                # The console's HTML forms (checked after the JSON test: no cost to an API write).
+                if media_type == b"application/x-www-form-urlencoded" and path.startswith("/console/"):
+                    return
                 raise BillingError(
                     "Send the body as JSON (Content-Type: application/json).",
                     code="unsupported_media_type",

@@ -9,7 +9,7 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from billing_service.edge.auth import AnyCaller, ServiceCaller
+from billing_service.edge.auth import AnyCaller, ReaderCaller, ServiceCaller
 from billing_service.errors import ErrorBody, Forbidden
 from billing_service.events import rules as events
 from billing_service.events.schemas import (
@@ -77,6 +77,15 @@ async def list_events(
     return Response(
         "[" + ",".join(rows) + "]", media_type="application/json", headers={"Link": _link(request, after=next_cursor)}
     )
+
+
+@router.get("/events/recent/{user_id}", response_model=list[EventResponse], responses=_errors({}))
+async def recent_events(
+    user_id: UUID, request: Request, _: ReaderCaller, limit: Annotated[int, Query(ge=1, le=200)] = 20
+) -> Response:
+    """The account's newest events, newest first: a view for people. To follow events, tail /billing/events."""
+    rows = await events.recent(_pool(request), user_id=user_id, limit=limit)
+    return Response("[" + ",".join(rows) + "]", media_type="application/json")
 
 
 def _webhook_body(webhook: events.Webhook) -> dict[str, Any]:

@@ -269,3 +269,10 @@ async def deliveries(
     if len(rows) > limit:
         next_cursor = base64.urlsafe_b64encode(str(rows[limit - 1][0]).encode()).decode().rstrip("=")
     return [row[1] for row in rows[:limit]], next_cursor
+
+
+async def recent(pool: AsyncConnectionPool, *, user_id: UUID, limit: int) -> list[str]:
+    """The account's newest events first, as JSON texts (for looking, not for tailing: use `feed`)."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.RECENT, {"user_id": user_id, "limit": limit})
+        return [row[0] for row in await cursor.fetchall()]

@@ -302,3 +302,15 @@ pruned_deliveries AS (
 )
 SELECT (SELECT count(*) FROM pruned_events), (SELECT count(*) FROM pruned_deliveries)
 """
+
+
+# An account's newest events first, straight from the primary key (user_id, seq): the console's "recent events".
+# Unlike the feed it shows events of transactions still committing too; it is a view, not a cursor to tail.
+RECENT: LiteralString = """
+SELECT json_build_object(
+    'id', id, 'type', type, 'user_id', user_id, 'seq', seq, 'created_at', created_at, 'data', data)::text
+FROM events
+WHERE user_id = %(user_id)s
+ORDER BY seq DESC
+LIMIT %(limit)s
+"""

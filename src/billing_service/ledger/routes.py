@@ -26,7 +26,10 @@ from billing_service.ledger.schemas import (
     AccountResponse,
     AccountSettingsRequest,
     AccountSettingsResponse,
+    AccountSummaryResponse,
+    BalancePointResponse,
     BalanceResponse,
+    BalanceSeriesResponse,
     LedgerRequest,
     OpenAccountRequest,
     PostedResponse,
@@ -221,15 +224,59 @@ async def get_usage(
     user_id: UUID,
     request: Request,
     _: ReaderCaller,
-    group_by: Annotated[Literal["run_id", "model", "day"], Query(description="How to group the spend.")],
+    group_by: Annotated[
+        Literal["run_id", "model", "day", "day,model"],
+        Query(description="How to group the spend; `day,model` groups by both (the group is an object)."),
+    ],
     since: Annotated[datetime | None, Query(description="Inclusive, RFC 3339.")] = None,
     until: Annotated[datetime | None, Query(description="Exclusive, RFC 3339.")] = None,
 ) -> Response:
-    """Spend (debits and captures) per run, model or UTC day, with token counts from the metadata."""
+    """Spend (debits and captures) per run, model, UTC day, or day and model, with token counts from the metadata."""
     _require_offsets(since=since, until=until)
     groups = await ledger.usage(_pool(request), user_id=user_id, group_by=group_by, since=since, until=until)
     body = f'{{"user_id":"{user_id}","group_by":"{group_by}","groups":[{",".join(groups)}]}}'
     return Response(body, media_type="application/json")
+
+
+@router.get("/balance/{user_id}/series", response_model=BalanceSeriesResponse, responses=_errors(404))
+async def get_balance_series(
+    user_id: UUID,
+    request: Request,
+    _: ReaderCaller,
+    since: Annotated[datetime | None, Query(description="Inclusive, RFC 3339.")] = None,
+    until: Annotated[datetime | None, Query(description="Exclusive, RFC 3339.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="The newest this many points.")] = 1000,
+) -> BalanceSeriesResponse:
+    """The posted balance over time: `balance_after` of each ledger row (the newest `limit`), oldest first."""
+    _require_offsets(since=since, until=until)
+    points = await ledger.balance_series(_pool(request), user_id=user_id, since=since, until=until, limit=limit)
+    return BalanceSeriesResponse(
+        user_id=user_id, points=[BalancePointResponse(at=point.at, balance=point.balance) for point in points]
+    )
+
+
+@router.get("/accounts", response_model=list[AccountSummaryResponse], responses=_errors())
+async def list_accounts(
+    request: Request,
+    _: ServiceCaller,
+    user_id_prefix: Annotated[
+        str | None, Query(max_length=36, description="Accounts whose user id starts with this (hex digits).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> list[AccountSummaryResponse]:
+    """Accounts by user id prefix, or without one the most recently active accounts (services only)."""
+    pool = _pool(request)
+    found = (
+        await ledger.find_accounts(pool, prefix=user_id_prefix, limit=limit)
+        if user_id_prefix
+        else await ledger.recent_accounts(pool, limit=limit)
+    )
+    return [
+        AccountSummaryResponse(
+            user_id=a.user_id, balance=a.balance, held=a.held, available=a.balance - a.held, updated_at=a.updated_at
+        )
+        for a in found
+    ]
 
 
 def _require_offsets(**times: datetime | None) -> None:

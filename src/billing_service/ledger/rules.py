@@ -388,3 +388,72 @@ def unattributed_rows(conn: psycopg.Connection[Any]) -> int:
 async def ping(pool: AsyncConnectionPool) -> None:
     async with pool.connection() as conn:
         await conn.execute(sql.PING)
+
+
+@dataclass(frozen=True)
+class BalancePoint:
+    at: datetime
+    balance: int
+
+
+async def balance_series(
+    pool: AsyncConnectionPool,
+    *,
+    user_id: UUID,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 1000,
+) -> list[BalancePoint]:
+    """The posted balance after each of the newest `limit` rows in [since, until), oldest first."""
+    async with pool.connection() as conn:
+        await _require_account(conn, user_id)
+        cursor = await conn.execute(
+            sql.BALANCE_SERIES,
+            {"user_id": user_id, "since": since or _EARLIEST, "until": until or _LATEST, "limit": limit},
+        )
+        rows = await cursor.fetchall()
+    return [BalancePoint(at, balance) for at, balance in reversed(rows)]
+
+
+@dataclass(frozen=True)
+class AccountSummary:
+    user_id: UUID
+    balance: int
+    held: int
+    updated_at: datetime
+
+
+def user_id_range(prefix: str) -> tuple[UUID, UUID]:
+    """The smallest and largest user ids starting with `prefix` (hex digits; dashes ignored)."""
+    digits = prefix.replace("-", "").lower()
+    if not 0 < len(digits) <= 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise InvalidRequest("Give a user id or the start of one (hex digits).")
+    return UUID(digits.ljust(32, "0")), UUID(digits.ljust(32, "f"))
+
+
+async def find_accounts(pool: AsyncConnectionPool, *, prefix: str, limit: int = 20) -> list[AccountSummary]:
+    """Accounts whose user id starts with `prefix`: one range scan of the primary key."""
+    low, high = user_id_range(prefix)
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.ACCOUNTS_IN_RANGE, {"low": low, "high": high, "limit": limit})
+        return [AccountSummary(*row) for row in await cursor.fetchall()]
+
+
+async def recent_accounts(pool: AsyncConnectionPool, *, limit: int = 20) -> list[AccountSummary]:
+    """The most recently changed accounts, newest first (a sort over all accounts: an operator's read)."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.RECENT_ACCOUNTS, {"limit": limit})
+        return [AccountSummary(*row) for row in await cursor.fetchall()]
+
+
+async def backdate_demo_rows(pool: AsyncConnectionPool, *, user_id: UUID, stamps: list[tuple[UUID, datetime]]) -> int:
+    """`billing demo` only: move the demo account's rows back in time. `stamps` are (transaction id, time) in
+    posting order; the times must rise and lie in the past, so created_at keeps rising with seq."""
+    times = [at for _, at in stamps]
+    if any(later < earlier for earlier, later in zip(times, times[1:], strict=False)):
+        raise InvalidRequest("Demo times must rise with the posting order.")
+    async with pool.connection() as conn:
+        cursor = await conn.execute(
+            sql.DEMO_BACKDATE, {"user_id": user_id, "ids": [i for i, _ in stamps], "ats": times}
+        )
+        return cursor.rowcount

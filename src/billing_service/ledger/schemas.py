@@ -127,7 +127,9 @@ class BalanceResponse(BaseModel):
 
 
 class UsageGroup(BaseModel):
-    group: str | None = Field(description="The run_id, model or UTC day; null for spend without one.")
+    group: str | dict[str, str | None] | None = Field(
+        description="The run_id, model or UTC day; null for spend without one. With day,model: {day, model}."
+    )
     tokens: int = Field(description="Tokens spent (debits and captures).")
     transactions: int
     input_tokens: int | None = None
@@ -139,5 +141,23 @@ class UsageGroup(BaseModel):
 
 class UsageResponse(BaseModel):
     user_id: UUID
-    group_by: Literal["run_id", "model", "day"]
+    group_by: Literal["run_id", "model", "day", "day,model"]
     groups: list[UsageGroup]
+
+
+class BalancePointResponse(BaseModel):
+    at: datetime
+    balance: int
+
+
+class BalanceSeriesResponse(BaseModel):
+    user_id: UUID
+    points: list[BalancePointResponse]
+
+
+class AccountSummaryResponse(BaseModel):
+    user_id: UUID
+    balance: int
+    held: int
+    available: int
+    updated_at: datetime

@@ -243,7 +243,7 @@ WHERE a.user_id = %(user_id)s
 # the metadata holds a JSON number, so no stored metadata can make the rollup fail.
 _USAGE = """
 SELECT json_build_object(
-    'group', {group_key},
+    'group', {group_value},
     'tokens', sum(-t.amount),
     'transactions', count(*),
     'input_tokens', sum(CASE WHEN jsonb_typeof(t.metadata -> 'input_tokens') = 'number'
@@ -269,8 +269,60 @@ USAGE_GROUP_KEYS: dict[str, LiteralString] = {
 }
 
 
+# Two keys at once (the console's spend per day stacked by model): the group is an object of both.
+USAGE_GROUP_PAIRS: dict[str, tuple[LiteralString, LiteralString]] = {
+    "day,model": ("day", "model"),
+}
+
+
 def usage(group_by: str) -> LiteralString:
-    return _USAGE.replace("{group_key}", USAGE_GROUP_KEYS[group_by])
+    if group_by in USAGE_GROUP_PAIRS:
+        first, second = USAGE_GROUP_PAIRS[group_by]
+        key: LiteralString = USAGE_GROUP_KEYS[first] + ", " + USAGE_GROUP_KEYS[second]
+        value: LiteralString = (
+            "json_build_object('"
+            + first
+            + "', "
+            + USAGE_GROUP_KEYS[first]
+            + ", '"
+            + second
+            + "', "
+            + USAGE_GROUP_KEYS[second]
+            + ")"
+        )
+        return _USAGE.replace("{group_value}", value).replace("{group_key}", key)
+    return _USAGE.replace("{group_value}", USAGE_GROUP_KEYS[group_by]).replace(
+        "{group_key}", USAGE_GROUP_KEYS[group_by]
+    )
+
+
+# The balance over time: (created_at, balance_after) of the newest rows in a time range, newest first, from
+# transactions_user_created_at (created_at rises with seq). The console draws it as a line.
+BALANCE_SERIES: LiteralString = """
+SELECT created_at, balance_after
+FROM transactions
+WHERE user_id = %(user_id)s AND created_at >= %(since)s AND created_at < %(until)s
+ORDER BY created_at DESC, seq DESC
+LIMIT %(limit)s
+"""
+
+# Accounts by user id prefix: the prefix bounds a range of the primary key, so this is an index range scan.
+ACCOUNTS_IN_RANGE: LiteralString = """
+SELECT user_id, balance, held, updated_at
+FROM accounts
+WHERE user_id BETWEEN %(low)s AND %(high)s
+ORDER BY user_id
+LIMIT %(limit)s
+"""
+
+# The most recently active accounts. Deliberately unindexed: an index on updated_at would turn every charge's
+# HOT update of its account row into an index write. A top-N sort over accounts, for an operator's page.
+RECENT_ACCOUNTS: LiteralString = """
+SELECT user_id, balance, held, updated_at
+FROM accounts
+ORDER BY updated_at DESC
+LIMIT %(limit)s
+"""
 
 
 # History filters, each served by an index: run_id by transactions_user_run_id, since/until by
@@ -360,4 +412,16 @@ updated AS (
     WHERE a.user_id = s.user_id
 )
 SELECT user_id, seq, id FROM inserted
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `billing demo` only (cli.py): spread a freshly seeded demo account's rows over the past month. The caller
+# passes times that rise with the rows' seq, all in the past, for an account the demo itself just opened, so
+# created_at keeps rising with seq (the invariant balance_at relies on). Never called by the API.
+DEMO_BACKDATE: LiteralString = """
+UPDATE transactions t
+SET created_at = s.at
+FROM unnest(%(ids)s::uuid[], %(ats)s::timestamptz[]) AS s(id, at)
+WHERE t.user_id = %(user_id)s AND t.id = s.id AND s.at < t.created_at
 """

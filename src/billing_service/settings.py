@@ -12,7 +12,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_JWT_ISSUER         | if set, JWKS-verified JWTs must carry this `iss`                      |
 | BILLING_JWT_AUDIENCE       | if set, JWKS-verified JWTs must carry this `aud`                      |
 | BILLING_RATE_LIMIT_TOKEN_RATE / _BURST | writes per second per token, bucket size (2000 / 4000; 0: off) |
-| BILLING_RATE_LIMIT_USER_RATE / _BURST  | writes per second per account, bucket size (200 / 400; 0: off) |
+| BILLING_RATE_LIMIT_USER_RATE / _BURST  | writes per second per account, bucket size (1000 / 2000; 0: off) |
 | BILLING_POOL_MIN_SIZE      | connections each worker keeps open (2)                                |
 | BILLING_POOL_MAX_SIZE      | connections each worker may open (16)                                 |
 | BILLING_POOL_TIMEOUT       | seconds to wait for a free connection before a 503 (3)                |
@@ -67,8 +67,10 @@ class Settings(BaseSettings):
     # Token buckets on writes, held across workers and replicas (edge/limits.py); 0 turns a limit off.
     rate_limit_token_rate: float = Field(default=2000.0, ge=0)
     rate_limit_token_burst: int = Field(default=4000, ge=0)
-    rate_limit_user_rate: float = Field(default=200.0, ge=0)
-    rate_limit_user_burst: int = Field(default=400, ge=0)
+    # Per account: each worker holds a share of the budget, so the burst must absorb an uneven split of a
+    # legitimate burst (200 concurrent charges to one account must not see a 429).
+    rate_limit_user_rate: float = Field(default=1000.0, ge=0)
+    rate_limit_user_burst: int = Field(default=2000, ge=0)
 
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=16, ge=1)

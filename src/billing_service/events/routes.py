@@ -28,7 +28,12 @@ router = APIRouter(prefix="/billing", tags=["events"])
 
 
 def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    common = {401: "Missing or invalid token", 403: "Token may not do this", 422: "Invalid request"}
+    common = {
+        401: "Missing or invalid token",
+        403: "Token may not do this",
+        413: "Body too large",
+        422: "Invalid request",
+    }
     return {
         status: {"model": ErrorBody, "description": text}
         for status, text in {**common, 503: "Database unavailable; retry after Retry-After", **described}.items()

@@ -219,8 +219,11 @@ def create_holds(url: str, args: argparse.Namespace, description: str) -> list[s
                 "metadata": None,
                 "idempotency_key": None,
                 "request_hash": None,
+                "events": True,
+                "posted_by": "bench",
+                "request_id": None,
             }
-            outcome, hold_id, _, _ = conn.execute(holds_sql.HOLD_CREATE, params).fetchone()  # type: ignore[misc]
+            outcome, hold_id, *_ = conn.execute(holds_sql.HOLD_CREATE, params).fetchone()  # type: ignore[misc]
             assert outcome == "applied", outcome
             hold_ids.append(str(hold_id))
     return hold_ids
@@ -398,6 +401,8 @@ def one_line(statement: str, params: dict[str, str]) -> str:
 # from reading `:name` inside it as a variable.
 _KEY = "'pgb-' || :client_id || '-' || :key"
 _HASH = "'\\x00'::bytea"
+# The service's defaults: the outbox on, and a caller recorded on every row.
+_OUTBOX_AND_CALLER = {"events": "true", "posted_by": "'pgbench'::text", "request_id": "NULL::text"}
 
 
 def pgbench_script(workload: str, connections: int) -> str:
@@ -412,6 +417,7 @@ def pgbench_script(workload: str, connections: int) -> str:
             "metadata": "NULL::jsonb",
             "idempotency_key": _KEY,
             "request_hash": _HASH,
+            **_OUTBOX_AND_CALLER,
         }
         return header + one_line(ledger_sql.CHARGE, params) + ";\n"
     if workload == "balance":
@@ -421,7 +427,7 @@ def pgbench_script(workload: str, connections: int) -> str:
     # user_id and root_id come back from LOCK_TREE through \gset, as the service reads them.
     pgbench_hold = "AND description = 'pgbench hold' AND status = 'active' LIMIT 1"
     hold_of = " ".join(("SELECT id FROM holds WHERE user_id =", user_sql_expr("h"), pgbench_hold))
-    tree = {"user_id": ":user_id::uuid", "root_id": ":root_id::uuid"}
+    tree = {"user_id": ":user_id::uuid", "root_id": ":root_id::uuid", "events": "true"}
     metadata = "'" + json.dumps(CAPTURE_METADATA, separators=(",", ": ")) + "'::jsonb"
     capture = {
         **tree,
@@ -433,6 +439,7 @@ def pgbench_script(workload: str, connections: int) -> str:
         "allow_overrun": "false",
         "idempotency_key": _KEY,
         "request_hash": _HASH,
+        **_OUTBOX_AND_CALLER,
     }
     return (
         f"\\set h random({ACCOUNTS + 1}, {ACCOUNTS + connections})\n\\set key random(1, 9000000000000000000)\n"

@@ -44,6 +44,8 @@ MAX_METADATA_BYTES = 4096
 TOKEN = os.environ.get("REF_TOKEN", "").encode()
 DRIVER = os.environ.get("REF_DRIVER", "psycopg")
 POOL_SIZE = int(os.environ.get("REF_POOL_SIZE", "16"))
+# The service's defaults: the outbox on, and a caller recorded on every ledger row.
+OUTBOX_AND_CALLER = {"events": True, "posted_by": "reference", "request_id": None}
 
 Amount = Annotated[int, msgspec.Meta(ge=1, le=MAX_AMOUNT)]
 Description = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
@@ -158,7 +160,7 @@ class PsycopgDriver:
                     if tree is None:
                         return None
                     params["user_id"], params["root_id"] = tree
-                    await conn.execute(holds_sql.SWEEP_TREE, {"user_id": tree[0], "root_id": tree[1]})
+                    await conn.execute(holds_sql.SWEEP_TREE, {"user_id": tree[0], "root_id": tree[1], "events": True})
                     cursor = await conn.execute(holds_sql.HOLD_CAPTURE, params)
                     outcome = await cursor.fetchone()
                     cursor = await conn.execute(holds_sql.HOLD, {"hold_id": hold_id})
@@ -288,10 +290,11 @@ async def charge(body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bool]
         "metadata": RawJsonb(metadata) if metadata is not None else None,
         "idempotency_key": key,
         "request_hash": digest if key is not None else None,
+        **OUTBOX_AND_CALLER,
     }
     assert driver is not None
     try:
-        outcome, transaction_id, balance, stored_hash = await driver.one(ledger_sql.CHARGE, params)
+        outcome, transaction_id, balance, stored_hash, _ = await driver.one(ledger_sql.CHARGE, params)
     except UniqueKeyRace:
         row = await driver.one(ledger_sql.IDEMPOTENT_REPLAY, params)
         if row is None:
@@ -358,6 +361,7 @@ async def capture(hold_text: str, body: bytes, headers: dict[bytes, bytes]) -> t
         "allow_overrun": request.allow_overrun,
         "idempotency_key": key,
         "request_hash": digest if key is not None else None,
+        **OUTBOX_AND_CALLER,
     }
     assert driver is not None
     try:

@@ -41,23 +41,6 @@ _NOT_FOUND = {404: "No such hold"}
 _CONFLICTS = {409: "The hold is not active, or the amount exceeds what it has remaining", **_NOT_FOUND}
 
 
-def _hold_body(hold: holds.Hold) -> dict[str, Any]:
-    return HoldResponse(
-        hold_id=hold.hold_id,
-        user_id=hold.user_id,
-        parent_id=hold.parent_id,
-        depth=hold.depth,
-        amount=hold.amount,
-        remaining=hold.remaining,
-        captured=hold.captured,
-        status=hold.status,  # type: ignore[arg-type]
-        expires_at=hold.expires_at,
-        description=hold.description,
-        metadata=hold.metadata,
-        created_at=hold.created_at,
-    ).model_dump(mode="json")
-
-
 def _hold_fields(hold: holds.Hold) -> dict[str, Any]:
     """A hold as HoldResponse's fields, for msgspec to encode directly: no model round trip on the hot path."""
     return {
@@ -74,6 +57,11 @@ def _hold_fields(hold: holds.Hold) -> dict[str, Any]:
         "metadata": hold.metadata,
         "created_at": hold.created_at,
     }
+
+
+def _hold_body(hold: holds.Hold) -> dict[str, Any]:
+    """The same fields, validated and rendered through HoldResponse, for the FastAPI routes' JSON answers."""
+    return HoldResponse(**_hold_fields(hold)).model_dump(mode="json")
 
 
 def _tree_body(node: holds.HoldNode) -> dict[str, Any]:

@@ -201,3 +201,23 @@ def ledger_state(db: psycopg.Connection[Any], user_id: uuid.UUID) -> tuple[int |
 
 def random_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+# Accounts written straight to the tables (a consistent ledger, fast) get what migration 0006 gives accounts
+# that predate grants: one opening grant holding their balance, so draws and `billing audit` find their tokens.
+OPENING_GRANTS_SQL = """
+WITH opened AS (
+    INSERT INTO grants (user_id, amount, priority, category, source)
+    SELECT user_id, balance, 50, 'paid', 'opening' FROM accounts
+    WHERE balance > 0 AND grants = '{}' AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.user_id = accounts.user_id)
+    RETURNING user_id, id, priority, created_at
+)
+UPDATE accounts a
+SET grants = ARRAY[ROW(o.id, a.balance - a.held, o.priority, NULL, o.created_at)::billing_grant_slot]
+FROM opened o
+WHERE a.user_id = o.user_id
+"""
+
+
+def give_opening_grants(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(OPENING_GRANTS_SQL)

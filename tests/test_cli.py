@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from billing_service import db as billing_db
-from conftest import free_port
+from conftest import free_port, give_opening_grants
 
 
 def billing(database_url: str, *args: str, cwd=None, **env_overrides: str) -> subprocess.CompletedProcess[str]:
@@ -91,6 +91,7 @@ def test_a_refused_charge_is_a_clear_error_and_moves_nothing(cli_database):
             " VALUES (%s, 1, 'credit', 5, 5, 'seed')",
             (user,),
         )
+        give_opening_grants(conn)
         assert_clear_error(billing(cli_database, "charge", str(user), "6"), "insufficient_balance")
         assert conn.execute("SELECT balance FROM accounts WHERE user_id = %s", (user,)).fetchone() == (5,)
 
@@ -116,6 +117,7 @@ def test_audit_names_the_accounts_a_corrupted_row_broke(postgres):
                     " VALUES (%s, 1, 'credit', 50, 50, 'in'), (%s, 2, 'debit', -20, 30, 'out')",
                     (user, user),
                 )
+            give_opening_grants(conn)
             conn.execute("UPDATE transactions SET amount = -25 WHERE user_id = %s AND seq = 2", (bad_amount,))
             conn.execute("UPDATE accounts SET balance = 31 WHERE user_id = %s", (bad_balance,))
         audit = billing(url, "audit")

@@ -14,6 +14,7 @@ import time
 
 import httpx
 
+import test_holds
 from conftest import fund, ledger_state
 from test_holds import hold
 
@@ -147,7 +148,7 @@ def test_charges_racing_holds_never_take_available_below_zero(server, client, db
     refused = [response for response in responses if response.status_code not in (200, 201)]
     assert {response.json()["code"] for response in refused} == {"insufficient_balance"}
     assert holds_made + charges_made == 20  # exactly what 1000 covers: no overspend, no spurious refusal
-    balance = client.get(f"/billing/balance/{user_id}").json()
+    balance = test_holds.balance(client, user_id)
     assert balance == {
         "user_id": str(user_id),
         "balance": 1000 - 50 * charges_made,

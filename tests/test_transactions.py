@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import fund
+from conftest import fund, give_opening_grants
 
 FIELDS = {"id", "user_id", "amount", "description", "created_at", "type", "balance_after"}
 LINK = re.compile(r'^<(?P<url>/billing/transactions/[^>]+)>; rel="next"$')
@@ -228,6 +228,7 @@ def test_the_full_history_streams_many_rows_intact(client, db, user_id):
         " SELECT %s, n, 'credit', 1, n, 'bulk ' || n FROM generate_series(1, %s) AS n",
         (user_id, rows),
     )
+    give_opening_grants(db)
     items = history(client, user_id).json()
     assert len(items) == rows
     assert [item["balance_after"] for item in items] == list(range(rows, 0, -1))

@@ -21,6 +21,7 @@ from billing_service.errors import install_error_handlers
 from billing_service.events import config as events_config
 from billing_service.events import dispatcher
 from billing_service.events.routes import router as events_router
+from billing_service.grants.routes import router as grants_router
 from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Edge:
     )
     app.include_router(router)
     app.include_router(holds_router)
+    app.include_router(grants_router)
     app.include_router(events_router)
     app.include_router(tokens_router)
     app.include_router(health)

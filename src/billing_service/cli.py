@@ -24,6 +24,7 @@ from billing_service.errors import BillingError
 from billing_service.events import config as events_config
 from billing_service.events import dispatcher
 from billing_service.events import rules as events
+from billing_service.grants import rules as grants
 from billing_service.holds import rules as holds
 from billing_service.ledger import rules as ledger
 from billing_service.ledger.schemas import MAX_AMOUNT
@@ -340,6 +341,7 @@ def audit() -> None:
         with db.connect(url) as conn:
             accounts, findings = ledger.audit(conn)
             hold_findings = holds.audit(conn)
+            grant_findings = grants.audit(conn)
             unattributed = ledger.unattributed_rows(conn)
     except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
         raise _fail(f"audit could not run: {exc}") from exc
@@ -350,13 +352,21 @@ def audit() -> None:
         )
     for user_id, hold_id, problem in hold_findings:
         typer.echo(f"HOLD DRIFT {user_id}{f' hold {hold_id}' if hold_id else ''}: {problem}")
+    for user_id, grant_id, problem in grant_findings:
+        typer.echo(f"GRANT DRIFT {user_id}{f' grant {grant_id}' if grant_id else ''}: {problem}")
     if unattributed:
         # A warning, not drift: rows written before migration 0004 never had a recorded caller.
         typer.echo(f"warning: {unattributed} ledger rows have no recorded caller (posted_by)")
-    if findings or hold_findings:
-        typer.echo(f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems")
+    if findings or hold_findings or grant_findings:
+        typer.echo(
+            f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems, "
+            f"{len(grant_findings)} grant problems"
+        )
         raise typer.Exit(code=1)
-    typer.echo(f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, all holds add up")
+    typer.echo(
+        f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, "
+        "all holds and grants add up"
+    )
 
 
 @app.command()

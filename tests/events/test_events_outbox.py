@@ -129,6 +129,8 @@ def test_hold_events_and_an_unobserved_expiry(http):
         "balance": 85,
         "held": 0,
         "available": 85,
+        "expiring": 0,
+        "next_expiry": None,
     }
 
 

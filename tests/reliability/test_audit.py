@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from conftest import LiveServer, Postgres, fund
+from conftest import LiveServer, Postgres, fund, give_opening_grants
 
 from .helpers import run_audit
 
@@ -122,11 +122,13 @@ def test_audit_runs_in_bounded_memory_over_a_million_transactions(postgres: Post
         with psycopg.connect(small_url, autocommit=True) as conn:
             conn.execute(BULK_ACCOUNTS_SQL, {"accounts": 10, "per_account": 100})
             conn.execute(BULK_TRANSACTIONS, {"accounts": 10, "per_account": 100})
+            give_opening_grants(conn)
         started = time.monotonic()
         with psycopg.connect(big_url, autocommit=True) as conn:
             bulk = {"accounts": BULK_ACCOUNTS, "per_account": BULK_TRANSACTIONS_PER_ACCOUNT}
             conn.execute(BULK_ACCOUNTS_SQL, bulk)
             conn.execute(BULK_TRANSACTIONS, bulk)
+            give_opening_grants(conn)
             rows = conn.execute("SELECT count(*) FROM transactions").fetchone()[0]
             conn.execute("ANALYZE")
         loaded = time.monotonic() - started

@@ -59,6 +59,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", "/billing/holds/{hold_id}/release"): "charge",
     ("POST", "/billing/holds/{hold_id}/extend"): "charge",
     ("POST", "/billing/holds/{hold_id}/children"): "charge",
+    # A refund gives tokens back, like a credit.
+    ("POST", "/billing/transactions/{transaction_id}/refund"): "credit",
 }
 # Whole families, whatever routes they grow: (path prefix, method or None for any, scope).
 PREFIX_SCOPES: tuple[tuple[str, str | None, str], ...] = (
@@ -66,7 +68,8 @@ PREFIX_SCOPES: tuple[tuple[str, str | None, str], ...] = (
     ("/billing/tokens", None, "admin"),
     ("/billing/events", "GET", "read"),
     ("/billing/grants", "POST", "credit"),
-    ("/billing/refunds", "POST", "credit"),
+    ("/billing/allowances", "GET", "read"),
+    ("/billing/allowances", None, "credit"),
 )
 
 

@@ -9,8 +9,9 @@ Each turn of the loop:
    webhook), in one statement with the position, so a crash repeats nothing and skips nothing;
 2. send the due deliveries that head their (account, webhook) queue and are not in flight, concurrently;
    each result is recorded (delivered, or pending with the next attempt's time, or failed) with its attempt;
-3. now and then: expire holds whose lease ran out (holds/rules.py `sweep_due_trees`, so hold.expired appears
-   in bounded time even if no request touches the hold) and prune what retention allows.
+3. now and then: expire holds whose lease ran out and grants past their expiry (holds/rules.py
+   `sweep_due_trees`, grants/rules.py `sweep_due_accounts`), so hold.expired and grant.expired appear
+   in bounded time even if no request touches them, and prune what retention allows.
 
 It polls the outbox (every 100 ms while busy, backing off to 1 s when idle) and also wakes on
 `NOTIFY billing_dispatcher` (sent by webhook creation and replays), never on the charge path: a NOTIFY in
@@ -40,6 +41,7 @@ from standardwebhooks.webhooks import Webhook
 
 from billing_service.errors import DATABASE_DOWN, InvalidRequest
 from billing_service.events import rules, sql
+from billing_service.grants import rules as grants
 from billing_service.holds import rules as holds
 from billing_service.settings import Settings
 
@@ -263,6 +265,9 @@ class Dispatcher:
                 expired = await holds.sweep_due_trees(self._pool, delay=self._settings.hold_sweep_delay)
                 if expired:
                     log.info("swept %d expired holds", expired)
+                written_off = await grants.sweep_due_accounts(self._pool, delay=self._settings.hold_sweep_delay)
+                if written_off:
+                    log.info("wrote off %d tokens of expired grants", written_off)
             except (*DATABASE_DOWN, psycopg.Error, OSError) as exc:
                 log.warning("hold sweep failed: %s", exc)
         if now - self._last_prune >= PRUNE_EVERY:

@@ -31,6 +31,8 @@ EVENT_TYPES = (
     "hold.captured",
     "hold.released",
     "hold.expired",
+    "grant.expired",
+    "refund.posted",
 )
 _ZERO_UUID = UUID(int=0)
 _MAX_UUID = UUID(int=2**128 - 1)

@@ -18,6 +18,8 @@ EventType = Literal[
     "hold.captured",
     "hold.released",
     "hold.expired",
+    "grant.expired",
+    "refund.posted",
 ]
 
 

@@ -68,11 +68,13 @@ EVENT_COLUMNS: LiteralString = "INSERT INTO events (user_id, seq, type, data, tx
 
 # A ledger row exactly as history renders it (ledger/sql.py _HISTORY_ROW), from an INSERT ... RETURNING
 # LEDGER_RETURNING aliased `i`.
-LEDGER_RETURNING: LiteralString = "id, user_id, amount, description, created_at, type, balance_after, metadata, hold_id"
+LEDGER_RETURNING: LiteralString = (
+    "id, user_id, amount, description, created_at, type, balance_after, metadata, hold_id, funding, grant_id, refund_of"
+)
 POSTED_DATA: LiteralString = """json_build_object(
     'id', i.id, 'user_id', i.user_id, 'amount', i.amount, 'description', i.description,
     'created_at', i.created_at, 'type', i.type, 'balance_after', i.balance_after, 'metadata', i.metadata,
-    'hold_id', i.hold_id)"""
+    'hold_id', i.hold_id, 'funding', i.funding, 'grant_id', i.grant_id, 'refund_of', i.refund_of)"""
 
 
 def low_data(alias: LiteralString) -> LiteralString:

@@ -38,8 +38,10 @@ from billing_service.errors import (
 )
 from billing_service.events import config as events
 from billing_service.events.rules import notify_depleted
+from billing_service.grants.rules import sweep_expired_grants, sweep_locked
 from billing_service.holds import sql
 from billing_service.idempotency import request_hash
+from billing_service.ledger.sql import DRAW_RACED_EXPIRY
 
 MAX_DEPTH = 8
 
@@ -153,6 +155,14 @@ async def release_expired_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> 
     return len(root_ids)
 
 
+async def sweep_account(pool: AsyncConnectionPool, *, user_id: UUID) -> bool:
+    """The refusal path of every debit: expire the account's due holds and grants. True if anything changed,
+    so the refused write is worth exactly one more try."""
+    holds = await release_expired_holds(pool, user_id=user_id)
+    grants = await sweep_expired_grants(pool, user_id=user_id)
+    return bool(holds or grants)
+
+
 async def sweep_due_trees(pool: AsyncConnectionPool, *, delay: float, limit: int = 500) -> int:
     """Expire every hold whose lease ran out `delay` seconds ago or more, tree by tree, each under its root lock
     (the same LOCK_TREE + SWEEP_TREE as any operation on a tree). Returns how many holds it expired."""
@@ -202,7 +212,7 @@ async def create_hold(
         outcome, hold_id, stored_hash, available = await _reserve(pool, params)
         # Expired holds still count in `held` until swept: release them and try once more. The sweep runs
         # on its own connection after ours went back to the pool, so a burst of refusals cannot starve it.
-        if outcome != "insufficient_balance" or attempt or not await release_expired_holds(pool, user_id=user_id):
+        if outcome != "insufficient_balance" or attempt or not await sweep_account(pool, user_id=user_id):
             break
     if outcome == "account_not_found":
         raise AccountNotFound(status_code=402)
@@ -221,7 +231,12 @@ async def _reserve(pool: AsyncConnectionPool, params: dict[str, Any]) -> tuple[A
     """One HOLD_CREATE: (outcome, hold_id, stored request hash, available when refused)."""
     async with pool.connection() as conn:
         try:
-            cursor = await conn.execute(sql.HOLD_CREATE, params)
+            try:
+                cursor = await conn.execute(sql.HOLD_CREATE, params)
+            except psycopg.Error as exc:
+                if exc.sqlstate != DRAW_RACED_EXPIRY:
+                    raise
+                cursor = await conn.execute(sql.HOLD_CREATE, params)  # a grant expired under the draw: decide again
             return await _one(cursor)
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "holds_idempotency_key_unique":
@@ -315,25 +330,29 @@ async def capture(
     try:
         async with _locked_tree(pool, hold_id) as tree:
             user_id = tree.user_id
-            cursor = await tree.conn.execute(
-                sql.HOLD_CAPTURE,
-                {
-                    "user_id": tree.user_id,
-                    "root_id": tree.root_id,
-                    "hold_id": hold_id,
-                    "amount": amount,
-                    "description": description,
-                    "metadata": Jsonb(metadata) if metadata is not None else None,
-                    "final": final,
-                    "allow_overrun": allow_overrun,
-                    "events": events.enabled,
-                    "idempotency_key": idempotency_key,
-                    "request_hash": digest if idempotency_key is not None else None,
-                    "posted_by": posted_by,
-                    "request_id": request_id,
-                },
-            )
+            params = {
+                "user_id": tree.user_id,
+                "root_id": tree.root_id,
+                "hold_id": hold_id,
+                "amount": amount,
+                "description": description,
+                "metadata": Jsonb(metadata) if metadata is not None else None,
+                "final": final,
+                "allow_overrun": allow_overrun,
+                "events": events.enabled,
+                "idempotency_key": idempotency_key,
+                "request_hash": digest if idempotency_key is not None else None,
+                "posted_by": posted_by,
+                "request_id": request_id,
+            }
+            cursor = await tree.conn.execute(sql.HOLD_CAPTURE, params)
             outcome, transaction_id, balance, stored_hash, remaining = await _one(cursor)
+            if outcome == "grants_due":
+                # A grant of the account expired: its expiry row goes first, so this capture's balance_after
+                # is exact. Still under the tree lock (trees lock before accounts).
+                await sweep_locked(tree.conn, user_id=tree.user_id)
+                cursor = await tree.conn.execute(sql.HOLD_CAPTURE, params)
+                outcome, transaction_id, balance, stored_hash, remaining = await _one(cursor)
             if outcome == "hold_not_active":
                 raise HoldNotActive()
             if outcome == "exceeds_hold":
@@ -359,7 +378,7 @@ async def capture(
             row = await cursor.fetchone()
             if row is None:
                 raise IdempotencyConflict() from exc
-            transaction_id, balance, stored_hash = row
+            transaction_id, balance, stored_hash, _ = row
             _check_replay(stored_hash, digest)
             return Capture(transaction_id, balance, await _read_hold(conn, hold_id), replayed=True)
 

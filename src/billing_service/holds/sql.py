@@ -27,7 +27,13 @@ from billing_service.events.sql import (
     raising_set,
     txid_set,
 )
-from billing_service.ledger.sql import EXISTING_TRANSACTION, IDEMPOTENT_REPLAY, LEDGER_ROW_COLUMNS
+from billing_service.ledger.sql import (
+    DRAW_SET,
+    EXISTING_TRANSACTION,
+    IDEMPOTENT_REPLAY,
+    LEDGER_ROW_COLUMNS,
+    NOTHING_DUE,
+)
 
 __all__ = ["IDEMPOTENT_REPLAY"]  # a capture's key race replays from the ledger row
 
@@ -46,6 +52,23 @@ _NEW_HOLD_COLUMNS = (
     "idempotency_key, request_hash, posted_by, request_id"
 )
 
+
+def _return_trees(which: LiteralString) -> LiteralString:
+    """SET clause of an UPDATE of accounts `a`: the allocations (hold_funding `hf`) of the trees that `which`
+    selects go back to the grants they came from. The statement empties them with _empty_trees(which)."""
+    return f"""(grants, next_expiry) = (
+            SELECT r.new_slots, r.next_expiry FROM billing_return(a.grants, a.user_id, (
+                SELECT jsonb_agg(jsonb_build_object('grant_id', hf.grant_id, 'amount', hf.amount))
+                FROM hold_funding hf WHERE hf.user_id = a.user_id AND hf.amount > 0 AND {which})) r)"""
+
+
+def _empty_trees(which: LiteralString, after: LiteralString) -> LiteralString:
+    """A CTE body: zero the allocations _return_trees(which) gave back, once the CTE `after` wrote the account."""
+    return f"""UPDATE hold_funding hf SET amount = 0
+    FROM (SELECT DISTINCT user_id FROM {after}) w
+    WHERE hf.user_id = w.user_id AND hf.amount > 0 AND {which}"""
+
+
 # A root hold: reserves from available with the same single-row guard as CHARGE.
 HOLD_CREATE: LiteralString = f"""
 WITH existing AS (
@@ -54,12 +77,14 @@ WITH existing AS (
 ),
 reserved AS (
     UPDATE accounts
-    SET held = held + %(amount)s, updated_at = now(),
+    SET held = held + %(amount)s,
+        {DRAW_SET},
         {lowering_set("balance - held - %(amount)s")}
     WHERE user_id = %(user_id)s
       AND balance - held >= %(amount)s
+      AND {NOTHING_DUE}
       AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING user_id, {ACCOUNT_RETURNING}
+    RETURNING user_id, last_draw, {ACCOUNT_RETURNING}
 ),
 new_hold AS (SELECT billing_uuidv7() AS id),
 inserted AS (
@@ -69,6 +94,12 @@ inserted AS (
            %(posted_by)s, %(request_id)s
     FROM reserved r CROSS JOIN new_hold n
     RETURNING {HOLD_RETURNING}
+),
+-- The tree's allocation: which grants the reserved tokens came from, for captures to draw and returns to refill.
+funded AS (
+    INSERT INTO hold_funding (user_id, root_id, grant_id, amount)
+    SELECT r.user_id, i.id, (f ->> 'grant_id')::uuid, (f ->> 'amount')::bigint
+    FROM reserved r CROSS JOIN inserted i CROSS JOIN jsonb_array_elements(r.last_draw) AS f
 ),
 outbox AS (
     {EVENT_COLUMNS}
@@ -105,6 +136,12 @@ WHERE h.id = %(hold_id)s
 FOR UPDATE OF r
 """
 
+# The tree's root itself expired (so the whole tree did): its allocation goes back to the grants.
+_ROOT_EXPIRED: LiteralString = (
+    "hf.root_id = %(root_id)s AND EXISTS (SELECT 1 FROM holds x WHERE x.user_id = hf.user_id AND x.id = hf.root_id"
+    " AND x.status = 'active' AND x.expires_at <= statement_timestamp())"
+)
+
 # Under the tree lock: expires what is due. Children never outlive their parent, so the due holds form
 # whole subtrees; each subtree's remaining goes back to the (live) parent of its top, or to the account
 # (held decreases) when its top is the root.
@@ -137,11 +174,13 @@ to_root AS (SELECT coalesce(sum(amount), 0) AS amount FROM returned WHERE parent
 to_account AS (
     UPDATE accounts a
     SET held = a.held - r.amount, updated_at = now(),
+        {_return_trees(_ROOT_EXPIRED)},
         {raising_set("a.balance - a.held + r.amount", "(SELECT count(*) FROM due)", prefix="a.")}
     FROM to_root r
     WHERE a.user_id = %(user_id)s AND (r.amount > 0 OR (%(events)s AND EXISTS (SELECT 1 FROM due)))
     RETURNING a.user_id, a.last_event_seq, a.last_event_txid
 ),
+emptied AS ({_empty_trees(_ROOT_EXPIRED, "to_account")}),
 outbox AS (
     {EVENT_COLUMNS}
     SELECT t.user_id, t.last_event_seq - (SELECT count(*) FROM due) + row_number() OVER (ORDER BY h.path, h.id),
@@ -184,11 +223,13 @@ freed AS (SELECT coalesce(sum(remaining), 0) AS amount, count(*) AS holds FROM d
 to_account AS (
     UPDATE accounts a
     SET held = a.held - f.amount, updated_at = now(),
+        {_return_trees("hf.root_id = ANY(%(root_ids)s)")},
         {raising_set("a.balance - a.held + f.amount", "f.holds", prefix="a.")}
     FROM freed f
     WHERE a.user_id = %(user_id)s
     RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.holds
 ),
+emptied AS ({_empty_trees("hf.root_id = ANY(%(root_ids)s)", "to_account")}),
 outbox AS (
     {EVENT_COLUMNS}
     SELECT t.user_id, t.last_event_seq - t.holds + row_number() OVER (ORDER BY h.path, h.id),
@@ -233,17 +274,44 @@ subtree AS (
 freed AS (
     SELECT p.parent_id, p.rest + (SELECT coalesce(sum(remaining), 0) FROM subtree) AS amount FROM plan p
 ),
+-- What the capture takes from the tree's allocation: its reserved tokens, in the grants' draw order. They
+-- were reserved while their grants were live, so they stay spendable by the tree after those grants expire.
+allocation AS (
+    SELECT f.grant_id, f.amount,
+           sum(f.amount) OVER (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id) AS through
+    FROM hold_funding f JOIN grants g ON g.user_id = f.user_id AND g.id = f.grant_id
+    WHERE f.user_id = %(user_id)s AND f.root_id = %(root_id)s AND f.amount > 0
+),
+taken AS (
+    SELECT a.grant_id, a.amount, a.through,
+           least(a.amount, greatest(p.from_hold - (a.through - a.amount), 0)) AS taken,
+           -- A final capture of the root closes the tree: what it did not take goes back to the grants.
+           (%(final)s AND p.parent_id IS NULL) AS closes_tree
+    FROM allocation a CROSS JOIN plan p
+),
 debited AS (
     UPDATE accounts a
     SET balance = a.balance - %(amount)s,
         held = a.held - p.from_hold - CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END,
         last_seq = a.last_seq + 1,
-        updated_at = now(),
+        -- The overrun (beyond the hold) is drawn from the live grants, after the closed tree's rest is back.
+        (grants, last_draw, next_expiry, updated_at) = (
+            SELECT d.new_slots, d.funding, d.next_expiry, d.drawn_at
+            FROM billing_draw((billing_return(a.grants, a.user_id, (
+                SELECT jsonb_agg(jsonb_build_object('grant_id', t.grant_id, 'amount', t.amount - t.taken))
+                FROM taken t WHERE t.closes_tree AND t.amount > t.taken))).new_slots, p.excess) d),
         {lowering_set(_CAPTURE_AVAILABLE, "1 + %(final)s::int", "a.", f"{_CAPTURE_AVAILABLE} < a.balance - a.held")}
     FROM plan p CROSS JOIN freed f
-    WHERE a.user_id = %(user_id)s AND a.balance - a.held >= p.excess
+    WHERE a.user_id = %(user_id)s AND a.balance - a.held >= p.excess AND {NOTHING_DUE}
     RETURNING a.user_id, a.last_seq, a.balance, a.held, a.low_balance_threshold, a.last_event_seq, a.last_event_txid,
+              a.last_draw, a.updated_at,
               (%(events)s AND coalesce(a.low_balance_event_seq = a.last_event_seq, false)) AS crossed
+),
+allocation_spent AS (
+    UPDATE hold_funding f SET amount = CASE WHEN t.closes_tree THEN 0 ELSE f.amount - t.taken END
+    FROM taken t CROSS JOIN debited
+    WHERE f.user_id = %(user_id)s AND f.root_id = %(root_id)s AND f.grant_id = t.grant_id
+      AND (t.taken > 0 OR t.closes_tree)
 ),
 hold_captured AS (
     UPDATE holds h
@@ -267,10 +335,20 @@ returned_to_parent AS (
     WHERE h.user_id = %(user_id)s AND h.id = f.parent_id AND f.amount > 0
 ),
 inserted AS (
-    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id)
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id, created_at)
     SELECT d.user_id, d.last_seq, 'capture', -%(amount)s, d.balance,
            coalesce(%(description)s, (SELECT description FROM target)), %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s, %(hold_id)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s,
+           -- From the reservation, then the overrun's draw: one entry per grant, in the order they were drawn.
+           (SELECT coalesce(jsonb_agg(jsonb_build_object('grant_id', u.grant_id, 'amount', u.amount) ORDER BY u.n),
+                            '[]')
+            FROM (SELECT grant_id, sum(amount) AS amount, min(n) AS n FROM (
+                      SELECT t.grant_id, t.taken AS amount, t.through AS n FROM taken t WHERE t.taken > 0
+                      UNION ALL
+                      SELECT (f.entry ->> 'grant_id')::uuid, (f.entry ->> 'amount')::bigint, 2^62 + f.n
+                      FROM jsonb_array_elements(d.last_draw) WITH ORDINALITY AS f(entry, n)
+                  ) drawn GROUP BY grant_id) u),
+           %(hold_id)s, d.updated_at
     FROM debited d
     RETURNING {LEDGER_RETURNING}
 ),
@@ -293,6 +371,7 @@ SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
             WHEN t.id IS NULL THEN 'hold_not_found'
             WHEN t.status <> 'active' OR NOT t.live THEN 'hold_not_active'
             WHEN t.remaining < %(amount)s AND NOT %(allow_overrun)s THEN 'exceeds_hold'
+            WHEN NOT (SELECT {NOTHING_DUE} FROM accounts WHERE user_id = %(user_id)s) THEN 'grants_due'
             ELSE 'insufficient_balance' END AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after) AS balance,
@@ -346,11 +425,14 @@ to_parent AS (
 to_account AS (
     UPDATE accounts a
     SET held = a.held - CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END, updated_at = now(),
+        {_return_trees("hf.root_id = %(root_id)s AND f.parent_id IS NULL")},
         {raising_set("a.balance - a.held + CASE WHEN f.parent_id IS NULL THEN f.amount ELSE 0 END", prefix="a.")}
     FROM freed f
     WHERE a.user_id = %(user_id)s AND (f.parent_id IS NULL OR %(events)s)
-    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.amount
+    RETURNING a.user_id, a.last_event_seq, a.last_event_txid, f.amount, f.parent_id
 ),
+-- A root's release closed the whole tree: its allocation went back to the grants above.
+emptied AS ({_empty_trees("hf.root_id = %(root_id)s AND %(hold_id)s = %(root_id)s", "to_account")}),
 outbox AS (
     {EVENT_COLUMNS}
     SELECT t.user_id, t.last_event_seq, 'hold.released', {hold_data("h", ", 'released', t.amount")}, t.last_event_txid

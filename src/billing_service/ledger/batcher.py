@@ -8,7 +8,9 @@ batch is committing (up to `batch_max_size`) and applies them in one transaction
    the Idempotency-Keys they already hold — a fresh snapshot taken after the locks, so a twin committed by
    another worker is seen;
 2. decide each charge on its own, in arrival order, against the running available balance
-   (`balance - held`), exactly as the single-statement CHARGE would one after another;
+   (`balance - held`), exactly as the single-statement CHARGE would one after another, drawing the account's
+   grant slots in their order (`_draw`, the same walk as billing_draw in migration 0006) as of the batch's
+   instant, taken after the locks; an account with a grant due to expire goes to the single path, which sweeps;
 3. insert the accepted ledger rows and set each account's new balance and last_seq, set-based, and commit.
 
 The outbox rides in the same statement: each accepted charge's transaction.posted, and the balance.low
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -61,6 +64,7 @@ class _Charge:
     seq: int = 0
     balance_after: int = 0
     event_seq: int = 0
+    funding: list[dict[str, Any]] = field(default_factory=list)
     replay_of: _Charge | None = None
     fallback: bool = False
 
@@ -75,7 +79,10 @@ class _Account:
     low_balance_armed: bool
     low_balance_event_seq: int | None
     depleted_notified: bool
+    next_expiry: datetime | None
+    slots: list[dict[str, Any]]  # accounts.grants: the grant slots in draw order
     changed: bool = False
+    grants_due: bool = False
 
 
 @dataclass
@@ -196,6 +203,7 @@ class ChargeBatcher:
         async with self._pool.connection() as conn, conn.pipeline() as pipeline:
             async with conn.transaction():
                 locked = await conn.execute(sql.BATCH_LOCK_ACCOUNTS, {"user_ids": user_ids})
+                clock = await conn.execute(sql.BATCH_PLANNED_AT)
                 existing = await conn.execute(
                     sql.BATCH_EXISTING_KEYS,
                     {
@@ -205,12 +213,16 @@ class ChargeBatcher:
                 )
                 await pipeline.sync()
                 accounts = {row[0]: _Account(*row[1:]) for row in await locked.fetchall()}
+                planned_at = (await clock.fetchone() or (None,))[0]
+                for account in accounts.values():
+                    account.grants_due = account.next_expiry is not None and account.next_expiry <= planned_at
                 stored = {(row[0], row[1]): row[2:] for row in await existing.fetchall()}
                 other_events: list[_Event] = []
                 planned = _plan(batch, accounts, stored, outcomes, other_events)
                 inserted = None
                 if planned or other_events:
-                    inserted = await conn.execute(sql.BATCH_APPLY, _apply_params(planned, accounts, other_events))
+                    params = _apply_params(planned, accounts, other_events)
+                    inserted = await conn.execute(sql.BATCH_APPLY, {**params, "planned_at": planned_at})
             await pipeline.sync()
             ids = {(row[0], row[1]): row[2] for row in await inserted.fetchall()} if inserted else {}
             if stored and inserted is None:
@@ -255,7 +267,10 @@ def _plan(
                 item.replay_of = twin
         elif account is None:
             outcomes[id(item)] = AccountNotFound(status_code=402)
+        elif account.grants_due:
+            item.fallback = True  # the single path writes the expiry rows first
         elif account.balance - account.held >= item.amount:
+            item.funding = _draw(account.slots, item.amount)
             account.balance -= item.amount
             account.last_seq += 1
             account.changed = True
@@ -282,6 +297,24 @@ def _plan(
                     _Event(item.user_id, account.last_event_seq, "balance.depleted", _json(data, account))
                 )
     return planned
+
+
+def _draw(slots: list[dict[str, Any]], amount: int) -> list[dict[str, Any]]:
+    """billing_draw (migration 0006) for an account with no grant due: take from the slots in order, drop the
+    emptied ones. Returns the funding. The guard (balance - held >= amount) has checked that they cover it."""
+    funding = []
+    for slot in slots:
+        take = min(amount, slot["remaining"])
+        if take:
+            slot["remaining"] -= take
+            amount -= take
+            funding.append({"grant_id": slot["grant_id"], "amount": take})
+        if not amount:
+            break
+    if amount:  # the slots always hold balance - held (billing audit); never post a draw they do not cover
+        raise RuntimeError("the grant slots do not cover a guarded draw")
+    slots[:] = [slot for slot in slots if slot["remaining"] > 0]
+    return funding
 
 
 def _json(data: dict[str, Any], account: _Account) -> str:
@@ -321,6 +354,7 @@ def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_
         "account_armed": [account.low_balance_armed for _, account in changed],
         "account_low_event_seqs": [account.low_balance_event_seq for _, account in changed],
         "account_depleted": [account.depleted_notified for _, account in changed],
+        "account_grants": [json.dumps(account.slots) for _, account in changed],
         "user_ids": [item.user_id for item in planned],
         "seqs": [item.seq for item in planned],
         "amounts": [item.amount for item in planned],
@@ -331,6 +365,7 @@ def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_
         "request_hashes": [item.request_hash if item.idempotency_key is not None else None for item in planned],
         "posted_by": [item.posted_by for item in planned],
         "request_ids": [item.request_id for item in planned],
+        "fundings": [json.dumps(item.funding) for item in planned],
     }
 
 

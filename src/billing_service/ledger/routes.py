@@ -30,6 +30,7 @@ from billing_service.ledger.schemas import (
     BalancePointResponse,
     BalanceResponse,
     BalanceSeriesResponse,
+    CreditRequest,
     LedgerRequest,
     OpenAccountRequest,
     PostedResponse,
@@ -78,11 +79,13 @@ def _pool(request: Request) -> AsyncConnectionPool:
 
 
 def _posted(posted: ledger.Posted) -> Answer:
-    body = b'{"status":"success","transaction_id":"%s","balance":%d}' % (
+    body = b'{"status":"success","transaction_id":"%s","balance":%d' % (
         str(posted.transaction_id).encode(),
         posted.balance,
     )
-    return Answer(200, body, posted.replayed)
+    if posted.grant_id is not None:
+        body += b',"grant_id":"%s"' % str(posted.grant_id).encode()
+    return Answer(200, body + b"}", posted.replayed)
 
 
 async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None, caller: Caller) -> Answer:
@@ -106,7 +109,7 @@ async def charge(state: Any, _: None, body: LedgerRequest, idempotency_key: str 
     return _posted(posted)
 
 
-async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str | None, caller: Caller) -> Answer:
+async def credit(state: Any, _: None, body: CreditRequest, idempotency_key: str | None, caller: Caller) -> Answer:
     state.limiter.check_user(body.user_id)
     posted = await ledger.credit(
         state.pool,
@@ -117,25 +120,35 @@ async def credit(state: Any, _: None, body: LedgerRequest, idempotency_key: str 
         idempotency_key=idempotency_key,
         posted_by=caller.name,
         request_id=caller.request_id,
+        terms=ledger.GrantTerms(priority=body.priority, category=body.category, expires_at=body.expires_at),
     )
     metrics.record_credit(body.amount, replayed=posted.replayed)
     return _posted(posted)
 
 
+def _rfc3339(at: datetime) -> str:
+    """As pydantic writes it (the FastAPI route of the same path): UTC as Z."""
+    text = at.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
 async def balance(state: Any, user_id: UUID, _: None, __: str | None, ___: Caller) -> Answer:
     current = await ledger.balance_with_holds(state.pool, user_id=user_id)
-    body = b'{"user_id":"%s","balance":%d,"held":%d,"available":%d}' % (
+    next_expiry = b'"%s"' % _rfc3339(current.next_expiry).encode() if current.next_expiry is not None else b"null"
+    body = b'{"user_id":"%s","balance":%d,"held":%d,"available":%d,"expiring":%d,"next_expiry":%s}' % (
         str(user_id).encode(),
         current.balance,
         current.held,
         current.available,
+        current.expiring,
+        next_expiry,
     )
     return Answer(200, body)
 
 
 fast_routes = [
     FastRoute("POST", "/billing/charge-tokens", "service", charge, LedgerRequest),
-    FastRoute("POST", "/billing/credit-tokens", "service", credit, LedgerRequest),
+    FastRoute("POST", "/billing/credit-tokens", "service", credit, CreditRequest),
     FastRoute("GET", "/billing/balance/{user_id}", "reader", balance),
 ]
 
@@ -150,9 +163,11 @@ async def charge_tokens(
 
 @router.post("/credit-tokens", response_model=PostedResponse, responses=_errors(409, 413, 415))
 async def credit_tokens(
-    body: LedgerRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
+    body: CreditRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> Response:
-    """Credit tokens, opening the account if it does not exist yet."""
+    """Credit tokens as a grant, opening the account if it does not exist yet. Optional expires_at, priority and
+    category decide when its tokens are spent (lower priority first, then the earliest expiry, then the oldest)
+    and when they leave the balance."""
     return (await credit(request.app.state, None, body, idempotency_key, caller)).response()
 
 
@@ -209,10 +224,24 @@ async def get_balance(
     at: Annotated[
         datetime | None, Query(description="RFC 3339 time with offset: the posted balance at that moment.")
     ] = None,
+    by: Annotated[Literal["category"] | None, Query(description="category: add available by grant category.")] = None,
 ) -> BalanceResponse | Response:
-    """The posted balance, what active holds reserve, and what is available; or, with `at`, the past balance."""
-    if at is None:
+    """The balance (live tokens), what active holds reserve, what is available and what expires within 7 days;
+    or, with `at`, the past balance."""
+    if at is None and by is None:
         return (await balance(request.app.state, user_id, None, None, caller)).response()
+    if at is None:
+        current = await ledger.balance_with_holds(_pool(request), user_id=user_id)
+        categories = await ledger.balance_by_category(_pool(request), user_id=user_id)
+        return BalanceResponse(
+            user_id=user_id,
+            balance=current.balance,
+            held=current.held,
+            available=current.available,
+            expiring=current.expiring,
+            next_expiry=current.next_expiry,
+            categories=categories,
+        )
     if at.tzinfo is None:
         raise InvalidRequest("at: give a time zone offset, e.g. 2026-01-01T00:00:00Z.")
     posted = await ledger.balance_at(_pool(request), user_id=user_id, at=at)
@@ -303,7 +332,10 @@ async def list_transactions(
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size; omit for the whole history.")] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="Opaque; from a Link header.")] = None,
     run_id: Annotated[str | None, Query(max_length=1000, description="Only rows with this metadata.run_id.")] = None,
-    type: Annotated[Literal["debit", "credit", "capture"] | None, Query(description="Only rows of this type.")] = None,
+    type: Annotated[
+        Literal["debit", "credit", "capture", "expiry", "void", "refund"] | None,
+        Query(description="Only rows of this type."),
+    ] = None,
     since: Annotated[datetime | None, Query(description="Only rows at or after this RFC 3339 time.")] = None,
     until: Annotated[datetime | None, Query(description="Only rows before this RFC 3339 time.")] = None,
 ) -> Response:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, LiteralString
+from typing import Any, Literal, LiteralString
 from uuid import UUID
 
 import psycopg
@@ -31,9 +31,10 @@ from billing_service.errors import (
 )
 from billing_service.events import config as events
 from billing_service.events.rules import notify_depleted
-from billing_service.holds.rules import release_expired_holds
+from billing_service.holds.rules import sweep_account
 from billing_service.idempotency import posting_hash
 from billing_service.ledger import sql
+from billing_service.ledger.sql import DRAW_RACED_EXPIRY
 
 HISTORY_STREAM_BATCH = 2000
 HISTORY_FIRST_BATCH = 100
@@ -46,6 +47,20 @@ class Posted:
     transaction_id: UUID
     balance: int
     replayed: bool = False
+    grant_id: UUID | None = None  # a credit's: the grant it created
+
+
+@dataclass(frozen=True)
+class GrantTerms:
+    """How a credit's tokens are spent: lower priority first, then the earliest expiry, then the oldest."""
+
+    priority: int = 50
+    category: str = "paid"
+    expires_at: datetime | None = None
+    source: str = "credit"
+
+
+PLAIN_GRANT = GrantTerms()
 
 
 @dataclass(frozen=True)
@@ -75,11 +90,12 @@ async def _post(
     idempotency_key: str | None,
     posted_by: str | None,
     request_id: str | None,
+    terms: GrantTerms = PLAIN_GRANT,
 ) -> tuple[str, Posted, bool | None]:
     """(outcome, what was posted, and for a refusal whether balance.depleted was already notified)."""
     # Only a keyed request is ever compared with another, so only a keyed one pays for its hash.
     digest = (
-        posting_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata)
+        posting_hash(operation, user_id=user_id, amount=amount, description=description, metadata=metadata, terms=terms)
         if idempotency_key is not None
         else None
     )
@@ -94,12 +110,23 @@ async def _post(
         "default_threshold": events.default_threshold,
         "posted_by": posted_by,
         "request_id": request_id,
+        "priority": terms.priority,
+        "category": terms.category,
+        "expires_at": terms.expires_at,
+        "source": terms.source,
     }
-    depleted_notified = None
+    depleted_notified = grant_id = None
     async with pool.connection() as conn:
         try:
-            cursor = await conn.execute(statement, params)
-            outcome, transaction_id, balance, stored_hash, depleted_notified = await cursor.fetchone() or (None,) * 5
+            try:
+                cursor = await conn.execute(statement, params)
+            except psycopg.Error as exc:
+                if exc.sqlstate != DRAW_RACED_EXPIRY:
+                    raise
+                # A grant expired between the guard and the draw: decide again, now that it is due.
+                cursor = await conn.execute(statement, params)
+            decided = await cursor.fetchone() or (None,) * 6
+            outcome, transaction_id, balance, stored_hash, depleted_notified, grant_id = decided
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "transactions_idempotency_key_unique":
                 raise
@@ -108,7 +135,7 @@ async def _post(
             row = await cursor.fetchone()
             if row is None:
                 raise IdempotencyConflict() from exc
-            outcome, (transaction_id, balance, stored_hash) = "replayed", row
+            outcome, (transaction_id, balance, stored_hash, grant_id) = "replayed", row
         except psycopg.errors.NumericValueOutOfRange as exc:
             raise BalanceLimitExceeded() from exc
         if outcome == "insufficient_balance" and idempotency_key is not None:
@@ -117,14 +144,14 @@ async def _post(
             # replay, not a 402; its row is visible to this new statement.
             cursor = await conn.execute(sql.IDEMPOTENT_REPLAY, params)
             if (replay := await cursor.fetchone()) is not None:
-                outcome, (transaction_id, balance, stored_hash) = "replayed", replay
+                outcome, (transaction_id, balance, stored_hash, grant_id) = "replayed", replay
         if outcome == "replayed":
             # The first attempt may have committed only locally (503 commit_not_replicated): not a 200 until
             # the synchronous standby has it.
             await confirm_replicated(conn)
     if outcome == "replayed" and bytes(stored_hash) != digest:
         raise IdempotencyKeyReused()
-    posted = Posted(transaction_id=transaction_id, balance=balance, replayed=outcome == "replayed")
+    posted = Posted(transaction_id, balance, replayed=outcome == "replayed", grant_id=grant_id)
     return outcome, posted, depleted_notified
 
 
@@ -157,8 +184,9 @@ async def charge(
     if outcome == "account_not_found":
         # The seed answers an unknown user on a charge with 402, like a lack of funds.
         raise AccountNotFound(status_code=402)
-    if outcome == "insufficient_balance" and await release_expired_holds(pool, user_id=user_id):
-        # Expired holds still counted in `held` until now: with them released, try exactly once more.
+    if outcome == "insufficient_balance" and await sweep_account(pool, user_id=user_id):
+        # Expired holds still counted in `held`, or a grant was due to expire: with the expiry written, try
+        # exactly once more.
         outcome, posted, depleted_notified = await post()
     if outcome == "insufficient_balance":
         if depleted_notified is False and events.enabled:
@@ -178,8 +206,9 @@ async def credit(
     idempotency_key: str | None = None,
     posted_by: str | None = None,
     request_id: str | None = None,
+    terms: GrantTerms = PLAIN_GRANT,
 ) -> Posted:
-    """Credit `amount`, opening the account if this is its first transaction."""
+    """Credit `amount` as a grant on `terms`, opening the account if this is its first transaction."""
     _, posted, _ = await _post(
         pool,
         sql.CREDIT,
@@ -191,6 +220,7 @@ async def credit(
         idempotency_key=idempotency_key,
         posted_by=posted_by,
         request_id=request_id,
+        terms=terms,
     )
     return posted
 
@@ -253,17 +283,28 @@ class Balance:
     balance: int
     held: int
     available: int
+    expiring: int = 0  # live tokens whose grant expires within 7 days
+    next_expiry: datetime | None = None  # the soonest expiry of a live grant
 
 
 async def balance_with_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> Balance:
-    """The posted balance, what active holds reserve, and what is left for charges and new holds."""
+    """What the account holds now: the balance (live tokens), what active holds reserve, what is left for
+    charges and new holds, and what expires soon. Exact at this instant, swept or not."""
     async with pool.connection() as conn:
         cursor = await conn.execute(sql.BALANCE_WITH_HOLDS, {"user_id": user_id})
         row = await cursor.fetchone()
     if row is None:
         raise AccountNotFound()
-    posted, held = row
-    return Balance(user_id=user_id, balance=posted, held=held, available=posted - held)
+    held, available, expiring, next_expiry = row
+    return Balance(user_id, available + held, held, available, expiring, next_expiry)
+
+
+async def balance_by_category(pool: AsyncConnectionPool, *, user_id: UUID) -> dict[Literal["paid", "promotional"], int]:
+    """The live, unreserved tokens by grant category."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.BALANCE_BY_CATEGORY, {"user_id": user_id})
+        found: dict[str, int] = dict(await cursor.fetchall())
+    return {"paid": found.get("paid", 0), "promotional": found.get("promotional", 0)}
 
 
 async def balance_at(pool: AsyncConnectionPool, *, user_id: UUID, at: datetime) -> int:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+import pydantic
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 MAX_AMOUNT = 2**53 - 1  # the largest integer every JSON client reads exactly
 MAX_METADATA_BYTES = 4096
@@ -66,6 +67,31 @@ class LedgerRequest(Strict):
     metadata: Metadata = None
 
 
+def _in_the_future(value: datetime) -> datetime:
+    if value <= datetime.now(UTC):
+        raise ValueError("must be in the future")
+    return value
+
+
+ExpiresAt = Annotated[
+    AwareDatetime | None,
+    pydantic.Strict(),
+    AfterValidator(lambda value: _in_the_future(value) if value is not None else None),
+    Field(description="RFC 3339 with an offset, in the future. The grant's unspent tokens leave the balance then."),
+]
+Priority = Annotated[StrictInt, Field(ge=0, le=100, description="0..100; lower is spent first.")]
+Category = Literal["paid", "promotional"]
+
+
+class CreditRequest(LedgerRequest):
+    """A credit is a grant. Without expires_at, priority and category it is what every credit always was:
+    paid tokens that never expire, spent after anything of a lower priority or an earlier expiry."""
+
+    expires_at: ExpiresAt = None
+    priority: Priority = 50
+    category: Category = "paid"
+
+
 Threshold = Annotated[
     StrictInt | None,
     Field(ge=0, le=MAX_AMOUNT, description="balance.low fires when available falls below it; null: no alert."),
@@ -95,11 +121,17 @@ class PostedResponse(BaseModel):
     status: Literal["success"] = "success"
     transaction_id: UUID
     balance: int = Field(description="The balance after this transaction.")
+    grant_id: UUID | None = Field(default=None, description="A credit's: the grant it created.")
 
 
 class AccountResponse(BaseModel):
     user_id: UUID
     balance: int
+
+
+class Funding(BaseModel):
+    grant_id: UUID
+    amount: int = Field(description="Tokens, unsigned: the row's sign says which way they moved.")
 
 
 class TransactionResponse(BaseModel):
@@ -108,10 +140,15 @@ class TransactionResponse(BaseModel):
     amount: int = Field(description="Signed: debits negative, credits positive.")
     description: str
     created_at: datetime
-    type: Literal["debit", "credit", "capture"]
+    type: Literal["debit", "credit", "capture", "expiry", "void", "refund"]
     balance_after: int
     metadata: dict[str, Any] | None = None
     hold_id: UUID | None = Field(default=None, description="The hold a capture drew on.")
+    funding: list[Funding] | None = Field(
+        default=None, description="The grants this row drew from (debits, captures) or paid into (credits, refunds)."
+    )
+    grant_id: UUID | None = Field(default=None, description="The grant a credit created, or an expiry/void closed.")
+    refund_of: UUID | None = Field(default=None, description="A refund's: the transaction it refunds.")
     posted_by: str | None = Field(
         default=None, description="The service token's name (or `cli:<user>`); null for rows before the trail."
     )
@@ -123,6 +160,11 @@ class BalanceResponse(BaseModel):
     balance: int = Field(description="The posted balance: the sum of the ledger.")
     held: int | None = Field(default=None, description="Reserved by active holds (absent with ?at=).")
     available: int | None = Field(default=None, description="balance - held: what a charge or hold may take.")
+    expiring: int | None = Field(default=None, description="Live tokens whose grant expires within 7 days.")
+    next_expiry: datetime | None = Field(default=None, description="The soonest expiry of a live grant.")
+    categories: dict[Category, int] | None = Field(
+        default=None, description="With ?by=category: available tokens by grant category."
+    )
     at: datetime | None = Field(default=None, description="With ?at=: the time the balance is given for.")
 
 

@@ -21,7 +21,7 @@ from billing_service.events.sql import (
 # The idempotency key, if any, already used by this user. Compared with the request's hash in Python.
 EXISTING_TRANSACTION = """
     existing AS (
-        SELECT id, balance_after, request_hash
+        SELECT id, balance_after, request_hash, grant_id
         FROM transactions
         WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
     )"""
@@ -29,8 +29,21 @@ EXISTING_TRANSACTION = """
 # posted_by / request_id: who wrote the row (a token's name, `cli:<user>`) and the request's X-Request-ID.
 LEDGER_ROW_COLUMNS = (
     "user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash, "
-    "posted_by, request_id"
+    "posted_by, request_id, funding"
 )
+
+# A debit's draw-down, in the SET of the UPDATE that holds the account row (migration 0006): the slots of the
+# locked row, drawn in order; last_draw carries the funding to the ledger row, updated_at the decision's instant.
+DRAW_SET: LiteralString = """(grants, last_draw, next_expiry, updated_at) = (
+            SELECT d.new_slots, d.funding, d.next_expiry, d.drawn_at FROM billing_draw(grants, %(amount)s) d)"""
+
+# billing_draw's SQLSTATE: a grant expired in the microseconds between the guard and the draw; decide again.
+DRAW_RACED_EXPIRY = "BG001"
+
+# No grant of the account is due to expire: then every slot is live and `balance - held` is exactly what the
+# live grants hold, so the one-row guard stays exact. When one is due, the write is refused and the refusal
+# path sweeps (writes the expiry rows first) and retries, so a debit never spends an expired token.
+NOTHING_DUE: LiteralString = "coalesce(next_expiry > clock_timestamp(), true)"
 
 # Debit: the WHERE clause is the whole overdraft guard. Under READ COMMITTED a concurrent debit of the same
 # row makes this one wait for the row lock, then re-check `balance >= amount` against the committed row
@@ -41,18 +54,20 @@ CHARGE: LiteralString = f"""
 WITH {EXISTING_TRANSACTION},
 debited AS (
     UPDATE accounts
-    SET balance = balance - %(amount)s, last_seq = last_seq + 1, updated_at = now(),
+    SET balance = balance - %(amount)s, last_seq = last_seq + 1,
+        {DRAW_SET},
         {lowering_set("balance - held - %(amount)s")}
     WHERE user_id = %(user_id)s
       -- Draws on available, not balance: tokens held for running agents are not for plain charges.
       AND balance - held >= %(amount)s
+      AND {NOTHING_DUE}
       AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING user_id, last_seq, {ACCOUNT_RETURNING}
+    RETURNING user_id, last_seq, last_draw, updated_at, {ACCOUNT_RETURNING}
 ),
 inserted AS (
-    INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, created_at)
     SELECT user_id, last_seq, 'debit', -%(amount)s, balance, %(description)s, %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s, last_draw, updated_at
     FROM debited
     RETURNING {LEDGER_RETURNING}
 ),
@@ -72,7 +87,8 @@ SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after, a.balance - a.held) AS balance,
        e.request_hash,
-       a.depleted_notified
+       a.depleted_notified,
+       NULL::uuid AS grant_id
 FROM (VALUES (1)) AS one
 LEFT JOIN existing e ON true
 LEFT JOIN inserted i ON true
@@ -81,24 +97,38 @@ LEFT JOIN accounts a ON a.user_id = %(user_id)s
 
 # Credit: opens the account on first use (with the service's default low-balance threshold). ON CONFLICT takes
 # the row lock, so credits serialise like debits. A credit re-arms balance.low and balance.depleted.
+# Every credit is a grant: its slot goes into the account's draw order, its row into `grants`.
 CREDIT: LiteralString = f"""
 WITH {EXISTING_TRANSACTION},
+new_grant AS (SELECT billing_uuidv7() AS id, clock_timestamp() AS at),
 credited AS (
-    INSERT INTO accounts AS a (user_id, balance, last_seq, last_event_seq, last_event_txid, low_balance_threshold)
+    INSERT INTO accounts AS a (user_id, balance, last_seq, last_event_seq, last_event_txid, low_balance_threshold,
+                               grants, next_expiry)
     SELECT %(user_id)s, %(amount)s, 1, CASE WHEN %(events)s THEN 1 ELSE 0 END,
-           CASE WHEN %(events)s THEN pg_current_xact_id() ELSE '0'::xid8 END, %(default_threshold)s::bigint
+           CASE WHEN %(events)s THEN pg_current_xact_id() ELSE '0'::xid8 END, %(default_threshold)s::bigint,
+           ARRAY[ROW(n.id, %(amount)s, %(priority)s, %(expires_at)s, n.at)::billing_grant_slot],
+           %(expires_at)s::timestamptz
+    FROM new_grant n
     WHERE NOT EXISTS (SELECT 1 FROM existing)
     ON CONFLICT (user_id) DO UPDATE
     SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now(),
+        grants = billing_slot_insert(a.grants, excluded.grants[1]),
+        next_expiry = least(a.next_expiry, excluded.next_expiry),
         depleted_notified = false,
         {raising_set("a.balance + excluded.balance - a.held", prefix="a.")}
     RETURNING user_id, balance, last_seq, last_event_seq, last_event_txid
 ),
+granted AS (
+    INSERT INTO grants (user_id, id, amount, priority, category, expires_at, source, created_at)
+    SELECT c.user_id, n.id, %(amount)s, %(priority)s, %(category)s, %(expires_at)s, %(source)s, n.at
+    FROM credited c CROSS JOIN new_grant n
+),
 inserted AS (
-    INSERT INTO transactions ({LEDGER_ROW_COLUMNS})
-    SELECT user_id, last_seq, 'credit', %(amount)s, balance, %(description)s, %(metadata)s,
-           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s
-    FROM credited
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, grant_id)
+    SELECT c.user_id, c.last_seq, 'credit', %(amount)s, c.balance, %(description)s, %(metadata)s,
+           %(idempotency_key)s, %(request_hash)s, %(posted_by)s, %(request_id)s,
+           jsonb_build_array(jsonb_build_object('grant_id', n.id, 'amount', %(amount)s::bigint)), n.id
+    FROM credited c CROSS JOIN new_grant n
     RETURNING {LEDGER_RETURNING}
 ),
 outbox AS (
@@ -111,7 +141,8 @@ SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' ELSE 'applied' END AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after) AS balance,
        e.request_hash,
-       NULL::boolean AS depleted_notified
+       NULL::boolean AS depleted_notified,
+       coalesce(e.grant_id, i.grant_id) AS grant_id
 FROM (VALUES (1)) AS one
 LEFT JOIN existing e ON true
 LEFT JOIN inserted i ON true
@@ -119,7 +150,7 @@ LEFT JOIN inserted i ON true
 
 # After a unique violation on the key: the concurrent twin committed first, so its row is now visible.
 IDEMPOTENT_REPLAY: LiteralString = """
-SELECT id, balance_after, request_hash
+SELECT id, balance_after, request_hash, grant_id
 FROM transactions
 WHERE user_id = %(user_id)s AND idempotency_key = %(idempotency_key)s
 """
@@ -153,7 +184,8 @@ _HISTORY_ROW = """
 SELECT seq, json_build_object(
     'id', id, 'user_id', user_id, 'amount', amount, 'description', description,
     'created_at', created_at, 'type', type, 'balance_after', balance_after, 'metadata', metadata,
-    'hold_id', hold_id, 'posted_by', posted_by, 'request_id', request_id
+    'hold_id', hold_id, 'posted_by', posted_by, 'request_id', request_id, 'funding', funding,
+    'grant_id', grant_id, 'refund_of', refund_of
 )::text
 FROM transactions
 """
@@ -211,19 +243,46 @@ UNATTRIBUTED_ROWS: LiteralString = "SELECT count(*) FROM transactions WHERE post
 PING: LiteralString = "SELECT 1"
 
 
-# Exact even with no sweeper: `held` minus what active roots past their expiry (and so their whole trees)
-# still reserve. One statement, one snapshot.
+# Exact even with no sweeper, in one snapshot: what is live now. Active roots past their expiry (and so
+# their whole trees) no longer reserve; their allocation comes back to available where its grant is still
+# live. A grant past its expiry no longer counts. The common case (nothing due) costs one row read: the
+# expensive branches run only when a hold or a grant is due and not swept yet.
+# expiring: the live tokens that expire within 7 days; next_expiry: the soonest expiry of a live grant.
 BALANCE_WITH_HOLDS: LiteralString = """
-SELECT a.balance,
-       a.held - coalesce((
-           SELECT sum(h.remaining)
-           FROM holds r
-           JOIN holds h ON h.user_id = r.user_id AND h.root_id = r.id AND h.status = 'active'
-           WHERE r.user_id = a.user_id AND r.parent_id IS NULL AND r.status = 'active'
-             AND r.expires_at <= statement_timestamp()
-       ), 0) AS held
+SELECT a.held - coalesce(x.remaining, 0) AS held,
+       CASE WHEN coalesce(a.next_expiry > statement_timestamp(), true) THEN a.balance - a.held
+            ELSE billing_live(a.grants, statement_timestamp()) END + coalesce(x.live_allocation, 0) AS available,
+       CASE WHEN a.next_expiry <= statement_timestamp() + interval '7 days' THEN (
+           SELECT coalesce(sum(s.remaining), 0) FROM unnest(a.grants) s
+           WHERE s.expires_at > statement_timestamp() AND s.expires_at <= statement_timestamp() + interval '7 days'
+       ) ELSE 0 END AS expiring,
+       CASE WHEN coalesce(a.next_expiry > statement_timestamp(), true) THEN a.next_expiry ELSE (
+           SELECT min(s.expires_at) FROM unnest(a.grants) s
+           WHERE s.remaining > 0 AND s.expires_at > statement_timestamp()
+       ) END AS next_expiry
 FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT sum(h.remaining) AS remaining,
+           (SELECT sum(hf.amount) FROM hold_funding hf
+            JOIN grants g ON g.user_id = hf.user_id AND g.id = hf.grant_id
+            WHERE hf.user_id = a.user_id AND hf.amount > 0 AND hf.root_id = ANY(array_agg(DISTINCT r.id))
+              AND g.voided_at IS NULL AND coalesce(g.expires_at > statement_timestamp(), true)) AS live_allocation
+    FROM holds r
+    JOIN holds h ON h.user_id = r.user_id AND h.root_id = r.id AND h.status = 'active'
+    WHERE r.user_id = a.user_id AND r.parent_id IS NULL AND r.status = 'active'
+      AND r.expires_at <= statement_timestamp()
+    HAVING count(*) > 0
+) x ON true
 WHERE a.user_id = %(user_id)s
+"""
+
+# The live balance by grant category (paid, promotional), from the account's slots.
+BALANCE_BY_CATEGORY: LiteralString = """
+SELECT g.category, sum(s.remaining)::bigint
+FROM accounts a CROSS JOIN unnest(a.grants) s
+JOIN grants g ON g.user_id = a.user_id AND g.id = s.grant_id
+WHERE a.user_id = %(user_id)s AND coalesce(s.expires_at > statement_timestamp(), true)
+GROUP BY g.category
 """
 
 # created_at is clock_timestamp() taken under the account row lock, so it rises with seq: the last row at
@@ -347,12 +406,15 @@ def filtered_history(base: LiteralString, filters: Iterable[str]) -> LiteralStri
 # Sorted, so every batch takes its locks in the same order and two batches can never deadlock.
 BATCH_LOCK_ACCOUNTS: LiteralString = """
 SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed,
-       low_balance_event_seq, depleted_notified
+       low_balance_event_seq, depleted_notified, next_expiry, to_jsonb(grants)
 FROM accounts
 WHERE user_id = ANY(%(user_ids)s)
 ORDER BY user_id
 FOR UPDATE
 """
+
+# The batch's instant, taken after the locks: its charges are decided (and their rows stamped) as of it.
+BATCH_PLANNED_AT: LiteralString = "SELECT clock_timestamp()"
 
 # A separate statement after the locks, so its snapshot sees keys committed by whoever held them before us.
 BATCH_EXISTING_KEYS: LiteralString = """
@@ -371,16 +433,16 @@ WITH planned AS (
     FROM unnest(%(user_ids)s::uuid[], %(seqs)s::bigint[], %(amounts)s::bigint[], %(balances_after)s::bigint[],
                 %(descriptions)s::text[], %(metadata)s::text[], %(idempotency_keys)s::text[],
                 %(request_hashes)s::bytea[], %(event_seqs)s::bigint[], %(posted_by)s::text[],
-                %(request_ids)s::text[])
+                %(request_ids)s::text[], %(fundings)s::text[])
          AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
-              posted_by, request_id)
+              posted_by, request_id, funding)
 ),
 inserted AS (
     INSERT INTO transactions
         (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash,
-         posted_by, request_id)
+         posted_by, request_id, funding, created_at)
     SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata::jsonb, idempotency_key,
-           request_hash, posted_by, request_id
+           request_hash, posted_by, request_id, funding::jsonb, %(planned_at)s
     FROM planned
     ORDER BY user_id, seq
     RETURNING {LEDGER_RETURNING}, seq
@@ -404,11 +466,12 @@ updated AS (
         low_balance_armed = s.armed, low_balance_event_seq = s.low_event_seq, depleted_notified = s.depleted,
         last_event_txid = CASE WHEN %(events)s THEN greatest(a.last_event_txid, pg_current_xact_id())
                                ELSE a.last_event_txid END,
-        updated_at = now()
+        grants = billing_slots(s.grants::jsonb), next_expiry = billing_next_expiry(billing_slots(s.grants::jsonb)),
+        updated_at = %(planned_at)s
     FROM unnest(%(account_ids)s::uuid[], %(account_balances)s::bigint[], %(account_last_seqs)s::bigint[],
                 %(account_last_event_seqs)s::bigint[], %(account_armed)s::boolean[],
-                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[])
-         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted)
+                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[], %(account_grants)s::text[])
+         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted, grants)
     WHERE a.user_id = s.user_id
 )
 SELECT user_id, seq, id FROM inserted

@@ -28,6 +28,7 @@ from billing_service.ledger.batcher import ChargeBatcher
 from billing_service.ledger.routes import fast_routes as ledger_fast_routes
 from billing_service.ledger.routes import health, router
 from billing_service.logs import configure_logging
+from billing_service.refunds.routes import router as refunds_router
 from billing_service.settings import Settings, get_settings
 
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Edge:
     app.include_router(router)
     app.include_router(holds_router)
     app.include_router(grants_router)
+    app.include_router(refunds_router)
     app.include_router(events_router)
     app.include_router(tokens_router)
     app.include_router(health)

@@ -89,6 +89,24 @@ class HoldNotFound(BillingError):
     detail = "No such hold."
 
 
+class TransactionNotFound(BillingError):
+    status_code = 404
+    code = "transaction_not_found"
+    detail = "No such transaction on this account."
+
+
+class NotRefundable(BillingError):
+    status_code = 422
+    code = "not_refundable"
+    detail = "Only a debit or a capture can be refunded."
+
+
+class RefundExceedsCharge(BillingError):
+    status_code = 409
+    code = "refund_exceeds_charge"
+    detail = "Refunds of a charge never add up to more than the charge."
+
+
 class HoldNotActive(BillingError):
     status_code = 409
     code = "hold_not_active"

@@ -59,6 +59,18 @@ def upgrade() -> None:
         RETURN slots[1:i - 1] || slot || slots[i:n];
     END $$;
 
+    -- Inserts several slots, each at its place in the draw order.
+    CREATE FUNCTION billing_slots_add(slots billing_grant_slot[], added billing_grant_slot[])
+    RETURNS billing_grant_slot[] LANGUAGE plpgsql IMMUTABLE AS $$
+    DECLARE
+        slot billing_grant_slot;
+    BEGIN
+        FOREACH slot IN ARRAY coalesce(added, '{}') LOOP
+            slots := billing_slot_insert(slots, slot);
+        END LOOP;
+        RETURN slots;
+    END $$;
+
     -- The draw-down: takes `amount` from the live slots in order. Called in the SET of the UPDATE that holds
     -- the account row, so `slots` is the locked row's. drawn_at is the instant of the decision (the ledger row
     -- is stamped with it); emptied slots leave the array. The caller's guard has checked that the slots cover
@@ -227,6 +239,7 @@ def downgrade() -> None:
     DROP FUNCTION billing_slots(jsonb);
     DROP FUNCTION billing_return(billing_grant_slot[], uuid, jsonb);
     DROP FUNCTION billing_draw(billing_grant_slot[], bigint);
+    DROP FUNCTION billing_slots_add(billing_grant_slot[], billing_grant_slot[]);
     DROP FUNCTION billing_slot_insert(billing_grant_slot[], billing_grant_slot);
     DROP FUNCTION billing_next_expiry(billing_grant_slot[]);
     DROP FUNCTION billing_live(billing_grant_slot[], timestamptz);

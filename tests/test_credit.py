@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from conftest import ledger_state
+from conftest import give_opening_grants, ledger_state
 
 BIGINT_MAX = 2**63 - 1
 
@@ -52,6 +52,7 @@ def _account_near_the_limit(db, user_id, balance):
         " VALUES (%s, 1, 'credit', %s, %s, 'opening balance')",
         (user_id, balance, balance),
     )
+    give_opening_grants(db)
 
 
 def test_credit_past_the_bigint_limit_is_a_clean_422_and_moves_nothing(client, db, user_id):

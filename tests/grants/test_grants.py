@@ -169,3 +169,18 @@ def test_bad_grant_terms_are_a_clear_422_and_move_nothing(client, db, user_id, t
     assert response.status_code == 422, response.text
     assert set(response.json()) == {"detail", "code"}
     assert ledger_state(db, user_id) == (5, 5, 1)
+
+
+def test_a_retried_credit_replays_even_after_its_grant_expired(client, db, user_id):
+    moment = at(1.0)
+    body = {"user_id": str(user_id), "amount": 25, "description": "trial", "expires_at": moment}
+    first = client.post("/billing/credit-tokens", json=body, headers={"Idempotency-Key": "trial-1"})
+    assert first.status_code == 200, first.text
+    wait_until(moment)
+    retry = client.post("/billing/credit-tokens", json=body, headers={"Idempotency-Key": "trial-1"})
+    assert retry.status_code == 200 and retry.headers.get("Idempotent-Replayed") == "true"
+    assert retry.json() == first.json()
+    fresh = client.post("/billing/credit-tokens", json=body, headers={"Idempotency-Key": "trial-2"})
+    assert fresh.status_code == 422 and fresh.json()["code"] == "expires_at_in_past"
+    assert client.get(f"/billing/balance/{user_id}").json()["balance"] == 0
+    assert ledger_state(db, user_id)[2] == 1

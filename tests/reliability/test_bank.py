@@ -1,9 +1,10 @@
 """The bank test (after Jepsen's): many clients move money at random; no money is ever lost or minted.
 
-32 clients, 100 accounts, 20,000+ requests: charges, credits, charges that must be refused, retries with
-the same Idempotency-Key (sequential and concurrent), and one hot account that a quarter of the operations
-hit. Every acknowledged answer is logged. At checkpoints (while money moves, and with all clients paused)
-and at the end, the ledger is checked against itself and against the clients' acknowledgements.
+32 clients, 100 accounts, 20,000+ requests: charges, credits (a third of them grants with a priority and a
+category, most of those expiring during the run), refunds of acknowledged charges, charges that must be
+refused, retries with the same Idempotency-Key (sequential and concurrent), and one hot account that a quarter
+of the operations hit. Every acknowledged answer is logged. At checkpoints (while money moves, and with all
+clients paused) and at the end, the ledger is checked against itself and against the clients' acknowledgements.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +54,12 @@ class BankClient:
     async def post(self, kind: str, key: str, body: dict[str, Any]) -> httpx.Response:
         """No fault is injected here, so a 5xx or a dropped connection is itself a violation. The request is
         still retried with its key until it gets an answer, so the ledger can be checked against the log."""
+        path = f"/billing/transactions/{body['refund_of']}/refund" if kind == "refund" else f"/billing/{kind}-tokens"
+        payload = {name: value for name, value in body.items() if name != "refund_of"}
         for _ in range(10):
             self.log.requests += 1
             try:
-                response = await self.http.post(f"/billing/{kind}-tokens", json=body, headers={"Idempotency-Key": key})
+                response = await self.http.post(path, json=payload, headers={"Idempotency-Key": key})
             except httpx.TransportError as exc:
                 self.log.violations.append(f"{kind} {key}: no answer ({exc!r})")
                 continue
@@ -68,8 +72,23 @@ class BankClient:
         self.log.record(key, kind, body["user_id"], body["amount"], response.json())
         self.sent.append((kind, key, body))
 
+    def grant_terms(self) -> dict[str, Any]:
+        """A third of the credits are grants with terms: some expire while the bank runs, so expiry rows, the
+        draw order across grants and debits spanning several of them are all in the mix."""
+        if self.random.random() > 0.33:
+            return {}
+        terms: dict[str, Any] = {
+            "priority": self.random.randint(0, 100),
+            "category": self.random.choice(["paid", "promotional"]),
+        }
+        if self.random.random() < 0.7:
+            terms["expires_at"] = (datetime.now(UTC) + timedelta(seconds=self.random.uniform(1, 30))).isoformat()
+        return terms
+
     async def write(self, kind: str, amount: int, *, must_fail: bool = False) -> None:
         key, body = str(uuid.uuid4()), {"user_id": self.pick_account(), "amount": amount, "description": kind}
+        if kind == "credit":
+            body.update(self.grant_terms())
         response = await self.post(kind, key, body)
         if response.status_code == 200:
             if must_fail:
@@ -79,6 +98,28 @@ class BankClient:
             self.log.refused.add(key)
         else:
             self.log.violations.append(f"{kind} {key}: unexpected {response.status_code} {response.text}")
+
+    async def refund(self) -> None:
+        """Give back part of an acknowledged charge; refunds of one charge may not add up to more than it."""
+        charges = [(key, body) for kind, key, body in self.sent if kind == "charge"]
+        if not charges:
+            return
+        charge_key, charge = self.random.choice(charges)
+        ack = self.log.acked[charge_key]
+        key = str(uuid.uuid4())
+        body = {
+            "user_id": charge["user_id"],
+            "amount": self.random.randint(1, charge["amount"]),
+            "description": "refund",
+            "refund_of": ack.transaction_id,
+        }
+        response = await self.post("refund", key, body)
+        if response.status_code == 200:
+            self.acknowledge("refund", key, body, response)
+        elif response.status_code == 409 and response.json()["code"] == "refund_exceeds_charge":
+            self.log.refused.add(key)
+        else:
+            self.log.violations.append(f"refund {key}: unexpected {response.status_code} {response.text}")
 
     async def retry(self) -> None:
         """Send an acknowledged request again: same key, same body. It must replay, never post again."""
@@ -111,8 +152,10 @@ class BankClient:
     async def run(self, operations: int) -> None:
         for _ in range(operations):
             roll = self.random.random()
-            if roll < 0.42:
+            if roll < 0.39:
                 await self.write("charge", self.random.randint(1, 60))
+            elif roll < 0.42:
+                await self.refund()
             elif roll < 0.67:
                 await self.write("credit", self.random.randint(1, 40))
             elif roll < 0.75:
@@ -204,15 +247,17 @@ def test_bank_no_money_is_lost_or_minted_under_concurrency(own_server, own_datab
     result = asyncio.run(run_bank(own_server, own_database, tmp_path / "acked.jsonl"))
     log: ClientLog = result["log"]
     charges = sum(1 for ack in log.acked.values() if ack.kind == "charge")
+    refunds = sum(1 for ack in log.acked.values() if ack.kind == "refund")
     print(
         f"\nbank: {log.requests} requests in {result['elapsed']:.1f} s by {CLIENTS} clients on {ACCOUNTS} accounts;"
-        f" {len(log.acked)} acknowledged writes ({charges} charges), {len(log.refused)} refused charges,"
+        f" {len(log.acked)} acknowledged writes ({charges} charges, {refunds} refunds), {len(log.refused)} refused,"
         f" {log.replays} retries; {result['live_checks']} live checks + {len(result['checkpoints'])} checkpoints;"
         f" violations: {len(log.violations)} client, {len(result['live_violations'])} live,"
         f" {sum(map(len, result['checkpoints']))} at checkpoints"
     )
     assert log.requests >= 20_000
     assert log.refused, "no charge was refused: the test did not exercise the overdraft guard"
+    assert refunds, "no refund was acknowledged: the test did not exercise refunds"
     assert not log.violations, log.violations[:10]
     assert not result["live_violations"], result["live_violations"][:10]
     for number, problems in enumerate(result["checkpoints"], 1):

@@ -1,6 +1,8 @@
 """Crash test: kill -9 a worker, then the whole server, several times, under load; restart; retry.
 
-Clients retry every request that got no answer with the same Idempotency-Key, until it gets one. Every
+Clients charge, credit (half of the credits are grants, most expiring during the run) and refund their own
+acknowledged charges. They retry every request that got no answer with the same Idempotency-Key, until it
+gets one. Every
 acknowledged write must be in the ledger exactly once, every retried request must resolve to exactly one
 transaction or to none, and the bank invariants must hold. uvicorn (0.54) respawns a worker killed with
 SIGKILL; the test checks that too, since the service's capacity depends on it.
@@ -13,6 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -53,17 +56,29 @@ class Target:
 async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[str], seed: int) -> ClientLog:
     rng = random.Random(seed)
     log = ClientLog()
+    charged: list[tuple[str, dict[str, Any]]] = []  # (transaction id, body) of this client's acked charges
     while not target.stop:
-        kind = rng.choice(["charge", "charge", "credit"])
+        kind = rng.choice(["charge", "charge", "credit", "refund"])
         key = str(uuid.uuid4())
-        body = {"user_id": rng.choice(accounts), "amount": rng.randint(1, 25), "description": "crash"}
+        body: dict[str, Any] = {"user_id": rng.choice(accounts), "amount": rng.randint(1, 25), "description": "crash"}
+        path = f"{kind}-tokens"
+        if kind == "credit" and rng.random() < 0.5:  # a grant, usually one that expires during the run
+            body.update(priority=rng.randint(0, 100), category=rng.choice(["paid", "promotional"]))
+            if rng.random() < 0.7:
+                body["expires_at"] = (datetime.now(UTC) + timedelta(seconds=rng.uniform(1, 10))).isoformat()
+        if kind == "refund":
+            if not charged:
+                continue
+            transaction_id, charge = rng.choice(charged)
+            body = {"user_id": charge["user_id"], "amount": rng.randint(1, charge["amount"]), "description": "refund"}
+            path = f"transactions/{transaction_id}/refund"
         attempts = 0
         while True:
             attempts += 1
             log.requests += 1
             if attempts > 1:
                 target.retried.add(key)
-            url = f"{target.server.base_url}/billing/{kind}-tokens"
+            url = f"{target.server.base_url}/billing/{path}"
             try:
                 response = await http.post(url, json=body, headers={"Idempotency-Key": key})
             except httpx.TransportError:
@@ -72,8 +87,13 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
                 continue
             if response.status_code == 200:
                 log.record(key, kind, body["user_id"], body["amount"], response.json())
+                if kind == "charge":
+                    charged.append((response.json()["transaction_id"], body))
                 break
-            if response.status_code == 402 and response.json()["code"] == "insufficient_balance":
+            if response.status_code in (402, 409) and response.json()["code"] in (
+                "insufficient_balance",
+                "refund_exceeds_charge",
+            ):
                 log.refused.add(key)
                 break
             if response.status_code in (409, 503):

@@ -209,7 +209,7 @@ async def credit(
     terms: GrantTerms = PLAIN_GRANT,
 ) -> Posted:
     """Credit `amount` as a grant on `terms`, opening the account if this is its first transaction."""
-    _, posted, _ = await _post(
+    outcome, posted, _ = await _post(
         pool,
         sql.CREDIT,
         "credit",
@@ -222,6 +222,8 @@ async def credit(
         request_id=request_id,
         terms=terms,
     )
+    if outcome == "already_expired":
+        raise InvalidRequest("expires_at: must be in the future.", code="expires_at_in_past")
     return posted
 
 

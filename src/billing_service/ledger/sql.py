@@ -110,6 +110,8 @@ credited AS (
            %(expires_at)s::timestamptz
     FROM new_grant n
     WHERE NOT EXISTS (SELECT 1 FROM existing)
+      -- Checked here, after the key: a retry of a credit whose grant has expired since still replays.
+      AND coalesce(%(expires_at)s::timestamptz > statement_timestamp(), true)
     ON CONFLICT (user_id) DO UPDATE
     SET balance = a.balance + excluded.balance, last_seq = a.last_seq + 1, updated_at = now(),
         grants = billing_slot_insert(a.grants, excluded.grants[1]),
@@ -137,7 +139,8 @@ outbox AS (
     FROM credited c CROSS JOIN inserted i
     WHERE %(events)s
 )
-SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' ELSE 'applied' END AS outcome,
+SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' WHEN i.id IS NOT NULL THEN 'applied' ELSE 'already_expired' END
+           AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after) AS balance,
        e.request_hash,

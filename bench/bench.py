@@ -1,11 +1,12 @@
 """The side-by-side benchmark: the service, a bare reference app and pgbench, on one machine and database, in one run.
 
     ./scripts/bench [--workers 1,2,4] [--duration 15] [--connections 32] [--database-url URL]
-                    [--workloads charge_spread,charge_hot,balance,capture] [--skip-history]
+                    [--workloads charge_spread,charge_hot,balance,capture,charge_grants] [--skip-history]
                     [--reference-server granian|uvicorn] [--reference-driver psycopg|asyncpg] [--compare-reference]
 
 It starts PostgreSQL (embedded, or a fresh database on --database-url, dropped afterwards), migrates, seeds
-1,000 accounts (plus one funded account per connection for the holds of the capture workload) and one user
+1,000 accounts with one grant each, 1,000 with 5 live grants each (charge_grants: a charge draws the first
+of 5 grant slots), one funded account per connection for the holds of the capture workload, and one user
 with a 1,000,000-row history. Then:
 
 - pgbench runs the service's exact statements (billing_service.ledger.sql / holds.sql, imported, never
@@ -13,7 +14,7 @@ with a 1,000,000-row history. Then:
 - for each worker count, `billing serve --workers N` (its default config: access log, metrics, auth) and then
   bench/reference_app.py (the same statements in a bare ASGI app on granian or uvicorn, same worker count)
   are each driven by wrk (C; Lua scripts in bench/wrk/): charges spread over 1,000 users, charges to one hot
-  user, balance reads, hold captures;
+  user, balance reads, hold captures, charges to accounts with 5 grants;
 - around every workload it samples PostgreSQL's CPU time (its server processes for this database, plus its
   background processes) and reports it per operation; after every write workload it counts the ledger rows
   carrying that workload's Idempotency-Keys against the acknowledged requests; after each server it runs
@@ -38,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -59,20 +61,25 @@ HISTORY_ROWS = 1_000_000
 HOLD_AMOUNT = 10**9
 HOLD_TTL_SECONDS = 86_400
 WRK_THREADS = 2
-WORKLOADS = ("charge_spread", "charge_hot", "balance", "capture")
-WRITES = ("charge_spread", "charge_hot", "capture")
+WORKLOADS = ("charge_spread", "charge_hot", "balance", "capture", "charge_grants")
+WRITES = ("charge_spread", "charge_hot", "capture", "charge_grants")
+# charge_grants: 1,000 other users, each with 5 live grants (issue #11: within 15% of charge_spread's 1 grant).
+GRANTS_USERS = range(2001, 2001 + ACCOUNTS)
+GRANTS_EACH = 5
 # What each workload is called in the table, and its wrk script and mode.
 LABELS = {
     "charge_spread": "charges, 1,000 users",
     "charge_hot": "charges, hot user",
     "balance": "balance reads",
     "capture": "hold captures",
+    "charge_grants": "charges, 5 grants each",
 }
 SCRIPTS = {
     "charge_spread": ("charge.lua", "spread"),
     "charge_hot": ("charge.lua", "hot"),
     "balance": ("balance.lua", "spread"),
     "capture": ("capture.lua", "holds"),
+    "charge_grants": ("charge.lua", "grants"),
 }
 # Issue #9's targets: (workload, figure, baseline or None, bound).
 TARGETS = [
@@ -82,6 +89,7 @@ TARGETS = [
     ("capture", "rps", "reference", 0.9),
     ("charge_spread", "p99_ms", None, 30.0),
     ("balance", "p99_ms", None, 15.0),
+    ("charge_grants", "rps", "service:charge_spread", 0.85),
 ]
 CAPTURE_METADATA = {"run_id": "bench-run", "model": "bench-model", "input_tokens": 10, "output_tokens": 2}
 
@@ -191,7 +199,7 @@ SEED = [
               now() - interval '1 second' * (%(rows)s - n)
        FROM generate_series(1, %(rows)s) AS n""",
     # Each account's tokens in one grant (what migration 0006 gives accounts that predate grants), so charges
-    # draw down one grant slot; --grants adds live promotional grants on top.
+    # draw down one grant slot.
     """WITH opened AS (
            INSERT INTO grants (user_id, amount, priority, category, source)
            SELECT user_id, balance, 50, 'paid', 'opening' FROM accounts
@@ -212,6 +220,31 @@ def seed(url: str, args: argparse.Namespace) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in SEED:
             conn.execute(statement, params)  # type: ignore[arg-type]
+        # charge_grants' accounts: 5 live grants each, by the service's own CREDIT (4 promotional ones that
+        # expire in 30 days at priorities 10..40, then a paid one), so each charge draws the first of 5 slots.
+        expires = datetime.now(UTC) + timedelta(days=30)
+        with conn.pipeline():
+            for n in GRANTS_USERS:
+                for priority in range(10, 10 * GRANTS_EACH + 1, 10):
+                    conn.execute(
+                        ledger_sql.CREDIT,
+                        {
+                            "user_id": user_id(n),
+                            "amount": 10**11,
+                            "description": "bench grant",
+                            "metadata": None,
+                            "idempotency_key": None,
+                            "request_hash": None,
+                            "posted_by": "bench",
+                            "request_id": None,
+                            "events": True,
+                            "default_threshold": None,
+                            "priority": priority,
+                            "category": "paid" if priority == 10 * GRANTS_EACH else "promotional",
+                            "expires_at": None if priority == 10 * GRANTS_EACH else expires,
+                            "source": "credit",
+                        },
+                    )
         conn.execute("VACUUM ANALYZE")
 
 
@@ -418,8 +451,10 @@ _OUTBOX_AND_CALLER = {"events": "true", "posted_by": "'pgbench'::text", "request
 def pgbench_script(workload: str, connections: int) -> str:
     """The pgbench script for a workload: the service's exact statements, pgbench variables for parameters."""
     header = f"\\set n random(1, {ACCOUNTS})\n\\set key random(1, 9000000000000000000)\n"
-    if workload in ("charge_spread", "charge_hot"):
+    if workload in ("charge_spread", "charge_hot", "charge_grants"):
         who = f"'{HOT_USER}'::uuid" if workload == "charge_hot" else user_sql_expr("n")
+        if workload == "charge_grants":
+            header = f"\\set n random({GRANTS_USERS.start}, {GRANTS_USERS.stop - 1})\n" + header.split("\n", 1)[1]
         params = {
             "user_id": who,
             "amount": "1",
@@ -816,10 +851,15 @@ def print_checks(run: dict[str, Any], pgbench: dict[str, Any], connections: int)
         if baseline is None:
             verdicts.append(f"{workload} p99 {value} ≤ {bound:g} ms {'ok' if value <= bound else 'MISS'}")
             continue
-        base = (run.get("reference") or {}).get(workload) if baseline == "reference" else pgbench.get(workload)
+        if baseline.startswith("service:"):  # the service against itself on another workload
+            base = service.get(baseline.removeprefix("service:"))
+        elif baseline == "reference":
+            base = (run.get("reference") or {}).get(workload)
+        else:
+            base = pgbench.get(workload)
         if not base:
             continue
-        ratio = value / (base["rps"] if baseline == "reference" else base["tps"])
+        ratio = value / (base["tps"] if baseline == "pgbench" else base["rps"])
         verdicts.append(f"{workload} {ratio:.2f}× {baseline} ≥ {bound:g} {'ok' if ratio >= bound else 'MISS'}")
     print(f"targets, {workers} worker(s): " + "; ".join(verdicts))
 

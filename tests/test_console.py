@@ -196,7 +196,7 @@ def test_history_pages_and_filters(console: Console, demo_user: uuid.UUID) -> No
     with page.expect_navigation():
         page.click("#f-apply")
     assert set(page.locator("#history tbody td:nth-child(2)").all_inner_texts()) == {"credit"}
-    assert rows.count() == 3  # the first top-up and two more
+    assert rows.count() == 4  # the first top-up, two more, and the launch-week bonus grant
 
     run_id = "run-live-0001"
     page.select_option("#f-type", "")

@@ -1,5 +1,5 @@
 -- Shared by the workloads: user ids are the bench's seeded ones, 00000000-0000-4000-8000-<12-digit n>.
--- Args (after --): token, mode ("spread", "hot" or "holds"), nonce (makes Idempotency-Keys unique per run),
+-- Args (after --): token, mode ("spread", "hot", "grants" or "holds"), nonce (makes Idempotency-Keys unique per run),
 -- then for captures a file of hold ids (one a line) and the number of wrk threads.
 local counter = 0
 
@@ -19,7 +19,8 @@ end
 
 function user_id()
   local n = 1
-  if mode ~= "hot" then n = math.random(1, 1000) end
+  if mode == "grants" then n = math.random(2001, 3000)  -- the accounts with 5 live grants each
+  elseif mode ~= "hot" then n = math.random(1, 1000) end
   return string.format("00000000-0000-4000-8000-%012d", n)
 end
 

@@ -88,6 +88,14 @@ async def seed(pool: AsyncConnectionPool, *, user_id: UUID, now: datetime | None
                 stamps.append((posted.transaction_id, moment))
                 moment += timedelta(seconds=rng.randint(5, 90))
     await ledger.backdate_demo_rows(pool, user_id=user_id, stamps=stamps)
+    # A promotional grant that expires in 10 days: spent before the paid tokens, and shown as expiring.
+    await ledger.credit(
+        pool,
+        user_id=user_id,
+        amount=150_000,
+        description="Launch week bonus",
+        terms=ledger.GrantTerms(priority=10, category="promotional", expires_at=datetime.now(UTC) + timedelta(days=10)),
+    )
 
     # Today: an orchestrator's budget with sub-agents (open), and a finished run (captured, closed).
     root, _ = await holds.create_hold(
@@ -119,4 +127,4 @@ async def seed(pool: AsyncConnectionPool, *, user_id: UUID, now: datetime | None
         final=True,
     )
     current = await ledger.balance_with_holds(pool, user_id=user_id)
-    return DemoSummary(user_id, len(stamps) + 3, runs + 2, 1, current.balance, current.held)
+    return DemoSummary(user_id, len(stamps) + 4, runs + 2, 1, current.balance, current.held)

@@ -25,6 +25,7 @@ from billing_service.console import sessions
 from billing_service.console.sessions import Session
 from billing_service.errors import AccountNotFound, BillingError, HoldNotFound
 from billing_service.events import rules as events
+from billing_service.grants import rules as grants_rules
 from billing_service.holds import rules as holds
 from billing_service.ledger import rules as ledger
 from billing_service.settings import Settings
@@ -311,6 +312,11 @@ def _chart_data(
     }
 
 
+def _expiry(grant: grants_rules.Grant) -> datetime:
+    assert grant.expires_at is not None
+    return grant.expires_at
+
+
 async def _hold_trees(pool: AsyncConnectionPool, user_id: UUID) -> list[holds.HoldNode]:
     active = await holds.list_holds(pool, user_id=user_id, status="active", limit=100)
     trees: list[holds.HoldNode] = []
@@ -350,6 +356,7 @@ async def account(request: Request, user_id: UUID) -> Response:
     except AccountNotFound:
         return _signed_in_elsewhere(request, session, "No account with that user id.", 404)
     trees = await _hold_trees(pool, user_id)
+    live_grants = await grants_rules.live_grants(pool, user_id=user_id)
     recent_events = [json.loads(row) for row in await events.recent(pool, user_id=user_id, limit=15)]
     kept = {name: value for name, value in shown.items() if value}
     return _page(
@@ -358,8 +365,8 @@ async def account(request: Request, user_id: UUID) -> Response:
         400 if error else 200,
         user_id=user_id,
         balance=current,
-        # Grants with expiries do not exist yet: when they do, pass them here and account.html shows them.
-        grants=None,
+        # The live grants that expire, soonest first: what the user will lose if it is not spent.
+        grants=sorted((g for g in live_grants if g.expires_at is not None and g.remaining), key=_expiry),
         history=[json.loads(row) for row in rows],
         filters=shown,
         error=error,

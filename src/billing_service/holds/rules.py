@@ -317,6 +317,41 @@ async def capture(
     request_id: str | None = None,
 ) -> Capture:
     """Post a capture of `amount` against the hold: a ledger debit, never more than the hold allows."""
+    for attempt in (1, 2):
+        try:
+            return await _capture(
+                pool,
+                hold_id=hold_id,
+                amount=amount,
+                description=description,
+                metadata=metadata,
+                final=final,
+                allow_overrun=allow_overrun,
+                idempotency_key=idempotency_key,
+                posted_by=posted_by,
+                request_id=request_id,
+            )
+        except psycopg.Error as exc:
+            # An overrun drew a grant that expired in the microseconds since its guard: the whole transaction
+            # rolled back, so deciding again is safe.
+            if exc.sqlstate != DRAW_RACED_EXPIRY or attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _capture(
+    pool: AsyncConnectionPool,
+    *,
+    hold_id: UUID,
+    amount: int,
+    description: str | None,
+    metadata: dict[str, Any] | None,
+    final: bool,
+    allow_overrun: bool,
+    idempotency_key: str | None,
+    posted_by: str | None,
+    request_id: str | None,
+) -> Capture:
     digest = request_hash(
         "capture",
         hold_id=hold_id,

@@ -1,11 +1,14 @@
 """A model-based test: random sequences of API calls against a running `billing serve`, each answer checked
 against an in-memory model of the ledger.
 
-The state machine credits, charges (with and without an Idempotency-Key), replays earlier keyed requests
-(same body: the same answer and `Idempotent-Replayed: true`; another body: 422 `idempotency_key_reused`),
-opens accounts, creates, captures (sometimes `final`) and releases holds, and reads balances and histories.
-A few users with small amounts, so refusals (402) and hold conflicts (409) happen often. Holds live an hour,
-so none expires during a run and the model stays deterministic.
+The state machine credits (each a grant with a random priority and category), charges (with and without an
+Idempotency-Key), replays earlier keyed requests (same body: the same answer and `Idempotent-Replayed: true`;
+another body: 422 `idempotency_key_reused`), opens accounts, creates, captures (sometimes `final`) and
+releases holds, refunds charges, voids grants, and reads balances, grants and histories. The model draws
+grants in its own implementation of the order (priority, then age; no grant here expires), so every debit's
+`funding`, every hold's reservation and every refund's way back (last drawn first; a voided grant's share
+becomes a new grant) is checked against it. A few users with small amounts, so refusals (402) and conflicts
+(409) happen often. Holds live an hour, so none expires during a run and the model stays deterministic.
 
 Each example uses fresh user ids, so examples (and the rest of the suite) never see each other's money.
 
@@ -56,6 +59,26 @@ class ModelHold:
     amount: int
     remaining: int
     status: str = "active"
+    reserved: dict[str, int] = field(default_factory=dict)  # grant id -> tokens of it the hold still holds
+
+
+@dataclass
+class ModelGrant:
+    user: int
+    amount: int
+    remaining: int
+    priority: int
+    category: str
+    order: int  # creation order: the tie-break after priority (nothing expires here)
+    voided: bool = False
+
+
+@dataclass
+class ModelDebit:
+    user: int
+    amount: int
+    funding: list[tuple[str, int]]
+    refunded: int = 0
 
 
 @dataclass
@@ -75,6 +98,29 @@ class Model:
     balance: dict[int, int] = field(default_factory=dict)
     holds: dict[str, ModelHold] = field(default_factory=dict)
     rows: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # (type, amount, balance_after)
+    fundings: dict[int, list[list[tuple[str, int]] | None]] = field(default_factory=dict)  # per row, when known
+    grants: dict[str, ModelGrant] = field(default_factory=dict)
+    debits: dict[str, ModelDebit] = field(default_factory=dict)  # by transaction id
+
+    def live_grants(self, user: int) -> list[tuple[str, ModelGrant]]:
+        found = [(gid, g) for gid, g in self.grants.items() if g.user == user and not g.voided and g.remaining]
+        return sorted(found, key=lambda item: (item[1].priority, item[1].order))
+
+    def draw(self, user: int, amount: int) -> list[tuple[str, int]]:
+        """The draw-down, as the service must do it: lowest priority first, then the oldest."""
+        funding = []
+        for grant_id, grant in self.live_grants(user):
+            take = min(amount, grant.remaining)
+            grant.remaining -= take
+            amount -= take
+            funding.append((grant_id, take))
+            if not amount:
+                break
+        assert not amount, "the model's grants do not cover a debit its balance allowed"
+        return funding
+
+    def reserved(self, grant_id: str) -> int:
+        return sum(h.reserved.get(grant_id, 0) for h in self.holds.values() if h.status == "active")
 
     def held(self, user: int) -> int:
         return sum(h.remaining for h in self.holds.values() if h.user == user and h.status == "active")
@@ -82,10 +128,11 @@ class Model:
     def available(self, user: int) -> int:
         return self.balance.get(user, 0) - self.held(user)
 
-    def post(self, user: int, kind: str, amount: int) -> int:
+    def post(self, user: int, kind: str, amount: int, funding: list[tuple[str, int]] | None = None) -> int:
         self.opened.add(user)
         self.balance[user] = self.balance.get(user, 0) + amount
         self.rows.setdefault(user, []).append((kind, amount, self.balance[user]))
+        self.fundings.setdefault(user, []).append(funding)
         return self.balance[user]
 
 
@@ -117,17 +164,30 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
             # Most examples start with money on most accounts (0: that user starts without an account).
             for user, amount in enumerate(first):
                 if amount:
-                    self.credit(user, amount, with_key=False)
+                    self.credit(user, amount, with_key=False, priority=None, category=None)
 
         # -- ledger writes ------------------------------------------------------------------------------------
 
-        @rule(target=keyed, user=st.integers(0, USERS - 1), amount=AMOUNTS, with_key=st.booleans())
-        def credit(self, user: int, amount: int, with_key: bool) -> Any:
-            body = {"user_id": self.model.users[user], "amount": amount, "description": "model credit"}
+        @rule(
+            target=keyed,
+            user=st.integers(0, USERS - 1),
+            amount=AMOUNTS,
+            with_key=st.booleans(),
+            priority=st.sampled_from([None, 0, 10, 50, 50, 100]),
+            category=st.sampled_from([None, "paid", "promotional"]),
+        )
+        def credit(self, user: int, amount: int, with_key: bool, priority: int | None, category: str | None) -> Any:
+            body: dict[str, Any] = {"user_id": self.model.users[user], "amount": amount, "description": "model credit"}
+            body |= {"priority": priority} if priority is not None else {}
+            body |= {"category": category} if category is not None else {}
             key = str(uuid.uuid4()) if with_key else None
             response = self.call("POST", "/billing/credit-tokens", body, key)
             assert response.status_code == 200, response.text
-            assert response.json()["balance"] == self.model.post(user, "credit", amount)
+            grant_id = response.json()["grant_id"]
+            self.model.grants[grant_id] = ModelGrant(
+                user, amount, amount, 50 if priority is None else priority, category or "paid", len(self.model.grants)
+            )
+            assert response.json()["balance"] == self.model.post(user, "credit", amount, [(grant_id, amount)])
             assert "Idempotent-Replayed" not in response.headers
             return (key, Keyed("/billing/credit-tokens", body, 200, response.json())) if key else multiple()
 
@@ -152,7 +212,10 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
                 return multiple()
             OUTCOMES["charge posted"] += 1
             assert response.status_code == 200, response.text
-            assert response.json()["balance"] == self.model.post(user, "debit", -amount)
+            funding = self.model.draw(user, amount)
+            OUTCOMES[f"charge drew {len(funding)} grant(s)"] += 1
+            assert response.json()["balance"] == self.model.post(user, "debit", -amount, funding)
+            self.model.debits[response.json()["transaction_id"]] = ModelDebit(user, amount, funding)
             return (key, Keyed("/billing/charge-tokens", body, 200, response.json())) if key else multiple()
 
         @rule(user=st.integers(0, USERS - 1))
@@ -197,7 +260,9 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
             assert response.status_code == 201, response.text
             hold = response.json()
             assert (hold["amount"], hold["remaining"], hold["status"]) == (amount, amount, "active")
-            self.model.holds[hold["hold_id"]] = ModelHold(user, amount, amount)
+            self.model.holds[hold["hold_id"]] = ModelHold(
+                user, amount, amount, reserved=dict(self.model.draw(user, amount))
+            )
             return hold["hold_id"]
 
         @rule(hold_id=hold_ids, amount=AMOUNTS, final=st.booleans())
@@ -214,8 +279,12 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
             assert response.status_code == 200, response.text
             hold.remaining = 0 if final else hold.remaining - amount
             hold.status = "captured" if final else "active"
+            funding = self.take_reserved(hold, amount)
+            if final:
+                self.give_back(hold)
             answer = response.json()
-            assert answer["balance"] == self.model.post(hold.user, "capture", -amount)
+            assert answer["balance"] == self.model.post(hold.user, "capture", -amount, funding)
+            self.model.debits[answer["transaction_id"]] = ModelDebit(hold.user, amount, funding)
             assert (answer["hold"]["remaining"], answer["hold"]["status"]) == (hold.remaining, hold.status)
 
         @rule(hold_id=hold_ids)
@@ -227,7 +296,105 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
                 return
             assert response.status_code == 200, response.text
             hold.remaining, hold.status = 0, "released"
+            self.give_back(hold)
             assert (response.json()["remaining"], response.json()["status"]) == (0, "released")
+
+        def take_reserved(self, hold: ModelHold, amount: int) -> list[tuple[str, int]]:
+            """A capture spends the hold's reservation in the grants' draw order."""
+            funding = []
+            for grant_id in sorted(
+                hold.reserved, key=lambda g: (self.model.grants[g].priority, self.model.grants[g].order)
+            ):
+                take = min(amount, hold.reserved[grant_id])
+                if take:
+                    hold.reserved[grant_id] -= take
+                    amount -= take
+                    funding.append((grant_id, take))
+            return funding
+
+        def give_back(self, hold: ModelHold) -> None:
+            for grant_id, tokens in hold.reserved.items():
+                self.model.grants[grant_id].remaining += tokens
+            hold.reserved = {}
+
+        # -- grants and refunds --------------------------------------------------------------------------------
+
+        @rule(data=st.data(), amount=st.one_of(st.none(), st.integers(1, 45)))
+        def refund(self, data: st.DataObject, amount: int | None) -> None:
+            if not self.model.debits:
+                return
+            transaction_id = data.draw(st.sampled_from(sorted(self.model.debits)))
+            debit = self.model.debits[transaction_id]
+            body: dict[str, Any] = {"user_id": self.model.users[debit.user], "description": "model refund"}
+            body |= {"amount": amount} if amount is not None else {}
+            response = self.call("POST", f"/billing/transactions/{transaction_id}/refund", body, str(uuid.uuid4()))
+            room = debit.amount - debit.refunded
+            given = room if amount is None else amount
+            if given == 0 or given > room:
+                self.expect_error(response, 409, "refund_exceeds_charge")
+                return
+            assert response.status_code == 200, response.text
+            # Last drawn first, past what earlier refunds took; a voided grant's share becomes a new grant.
+            skip, left, back = debit.refunded, given, []
+            for grant_id, drawn in reversed(debit.funding):
+                share = drawn - min(skip, drawn)
+                skip -= drawn - share
+                take = min(share, left)
+                left -= take
+                if take:
+                    back.append((grant_id, take))
+            debit.refunded += given
+            # The row names the live grants that took tokens back, then the new grants (whose ids only it knows).
+            history = self.call("GET", f"/billing/transactions/{self.model.users[debit.user]}?limit=1").json()
+            posted = [(entry["grant_id"], entry["amount"]) for entry in history[0]["funding"]]
+            returned = [(grant_id, take) for grant_id, take in back if not self.model.grants[grant_id].voided]
+            for grant_id, take in returned:
+                self.model.grants[grant_id].remaining += take
+            new = posted[len(returned) :]
+            dead = [(grant_id, take) for grant_id, take in back if self.model.grants[grant_id].voided]
+            assert [amount for _, amount in new] == [take for _, take in dead]
+            for (new_id, take), (grant_id, _) in zip(new, dead, strict=True):
+                old = self.model.grants[grant_id]
+                self.model.grants[new_id] = ModelGrant(
+                    debit.user, take, take, old.priority, old.category, len(self.model.grants)
+                )
+                OUTCOMES["refund into a new grant (its own was voided)"] += 1
+            funding = returned + new
+            answer = response.json()
+            assert (answer["amount"], answer["refunded_total"]) == (given, debit.refunded)
+            assert answer["balance"] == self.model.post(debit.user, "refund", given, funding)
+
+        @rule(data=st.data())
+        def void(self, data: st.DataObject) -> None:
+            if not self.model.grants:
+                return
+            grant_id = data.draw(st.sampled_from(sorted(self.model.grants)))
+            grant = self.model.grants[grant_id]
+            if self.model.reserved(grant_id) and not grant.voided:
+                return  # its reserved tokens would be written off by a sweep, whose timing is not the model's
+            response = self.call("POST", f"/billing/grants/{grant_id}/void", {})
+            assert response.status_code == 200, response.text
+            if grant.voided:
+                assert (response.json()["voided"], response.headers.get("Idempotent-Replayed")) == (0, "true")
+                return
+            voided, grant.remaining, grant.voided = grant.remaining, 0, True
+            assert response.json()["voided"] == voided
+            if voided:
+                self.model.post(grant.user, "void", -voided, [(grant_id, voided)])
+
+        @rule(user=st.integers(0, USERS - 1))
+        def read_grants(self, user: int) -> None:
+            response = self.call("GET", f"/billing/grants/{self.model.users[user]}")
+            assert response.status_code == 200, response.text
+            expected = [
+                (gid, g.remaining, self.model.reserved(gid), g.priority, g.category)
+                for gid, g in sorted(self.model.grants.items(), key=lambda item: (item[1].priority, item[1].order))
+                if g.user == user and not g.voided and (g.remaining or self.model.reserved(gid))
+            ]
+            seen = [
+                (g["grant_id"], g["remaining"], g["reserved"], g["priority"], g["category"]) for g in response.json()
+            ]
+            assert seen == expected
 
         # -- reads ----------------------------------------------------------------------------------------------
 
@@ -253,6 +420,11 @@ def make_machine(server: LiveServer) -> type[RuleBasedStateMachine]:
             expected = list(reversed(self.model.rows.get(user, [])))[: limit or None]
             seen = [(row["type"], row["amount"], row["balance_after"]) for row in response.json()]
             assert seen == expected
+            fundings = list(reversed(self.model.fundings.get(user, [])))[: limit or None]
+            drawn = [
+                [(entry["grant_id"], entry["amount"]) for entry in row["funding"] or []] for row in response.json()
+            ]
+            assert drawn == [funding or [] for funding in fundings]
 
         @invariant()
         def nothing_negative(self) -> None:

@@ -2,7 +2,7 @@
 
 Both send every write with an `Idempotency-Key` (a fresh UUID unless the caller passes one) and retry
 connection failures, 502/503/504 and 429 with the SAME key, so a retry after a lost response replays the
-first answer instead of charging again.
+first answer instead of charging again. (Voiding a grant needs no key: a repeat is already harmless.)
 
 Each public method describes its request as a `_Call` (built by the functions below, shared by both
 clients) and hands it to the client's `_send`, the only place that does I/O and retries.
@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -27,12 +28,25 @@ import stamina
 
 from billing_client._config import DEFAULT_RETRY, DEFAULT_TIMEOUT, RETRYABLE_STATUSES, RetryPolicy
 from billing_client._exceptions import BillingError, ServiceUnavailable, error_from_response
-from billing_client._models import Account, Captured, Hold, Posted, Transaction, TransactionPage
+from billing_client._models import (
+    Account,
+    Captured,
+    Grant,
+    Hold,
+    Posted,
+    Refund,
+    Transaction,
+    TransactionPage,
+    VoidedGrant,
+)
 
 UserId = UUID | str
 HoldId = UUID | str
+GrantId = UUID | str
+TransactionId = UUID | str
 Metadata = Mapping[str, Any]
 HoldStatus = Literal["any", "active", "expired", "captured", "released"]
+GrantCategory = Literal["paid", "promotional"]
 T = TypeVar("T")
 
 
@@ -122,16 +136,25 @@ def _replayed(response: httpx.Response) -> bool:
 
 def _posted(response: httpx.Response) -> Posted:
     body = _json(response)
-    return Posted(UUID(body["transaction_id"]), int(body["balance"]), replayed=_replayed(response))
+    grant_id = body.get("grant_id")
+    return Posted(
+        UUID(body["transaction_id"]),
+        int(body["balance"]),
+        replayed=_replayed(response),
+        grant_id=UUID(grant_id) if grant_id else None,
+    )
 
 
 def _account(response: httpx.Response) -> Account:
     body = _json(response)
+    next_expiry = body.get("next_expiry")
     return Account(
         user_id=UUID(body["user_id"]),
         balance=int(body["balance"]),
         held=body.get("held"),
         available=body.get("available"),
+        expiring=body.get("expiring"),
+        next_expiry=datetime.fromisoformat(next_expiry) if next_expiry else None,
     )
 
 
@@ -167,6 +190,33 @@ def _captured(response: httpx.Response) -> Captured:
     )
 
 
+def _grants(response: httpx.Response) -> list[Grant]:
+    return [Grant.from_json(row) for row in _json(response)]
+
+
+def _voided(response: httpx.Response) -> VoidedGrant:
+    body = _json(response)
+    transaction_id = body.get("transaction_id")
+    return VoidedGrant(
+        grant=Grant.from_json(body["grant"]),
+        voided=int(body["voided"]),
+        transaction_id=UUID(transaction_id) if transaction_id else None,
+        replayed=_replayed(response),
+    )
+
+
+def _refunded(response: httpx.Response) -> Refund:
+    body = _json(response)
+    return Refund(
+        transaction_id=UUID(body["transaction_id"]),
+        refund_of=UUID(body["refund_of"]),
+        amount=int(body["amount"]),
+        balance=int(body["balance"]),
+        refunded_total=int(body["refunded_total"]),
+        replayed=_replayed(response),
+    )
+
+
 def _key(idempotency_key: str | None) -> dict[str, str]:
     # Chosen once per call, before the retry loop: every attempt of one call carries the same key.
     return {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
@@ -185,6 +235,48 @@ def _ledger_write(
 ) -> _Call[Posted]:
     body = _body(user_id=str(user_id), amount=amount, description=description, metadata=metadata)
     return _Call("POST", path, _posted, json=body, headers=_key(key))
+
+
+def _credit(
+    user_id: UserId,
+    amount: int,
+    description: str,
+    metadata: Metadata | None,
+    expires_at: datetime | None,
+    priority: int | None,
+    category: GrantCategory | None,
+    key: str | None,
+) -> _Call[Posted]:
+    # The grant's terms are sent only when given, so the service's defaults (priority 50, paid, no expiry)
+    # stay the service's.
+    body = _body(
+        user_id=str(user_id),
+        amount=amount,
+        description=description,
+        metadata=metadata,
+        expires_at=expires_at.isoformat() if expires_at is not None else None,
+        priority=priority,
+        category=category,
+    )
+    return _Call("POST", "/billing/credit-tokens", _posted, json=body, headers=_key(key))
+
+
+def _void_grant(grant_id: GrantId, description: str | None) -> _Call[VoidedGrant]:
+    # No Idempotency-Key: voiding is idempotent by itself (a repeat removes nothing, answers replayed).
+    body = _body(description=description) or None
+    return _Call("POST", f"/billing/grants/{grant_id}/void", _voided, json=body)
+
+
+def _refund(
+    transaction_id: TransactionId,
+    user_id: UserId,
+    amount: int | None,
+    description: str,
+    metadata: Metadata | None,
+    key: str | None,
+) -> _Call[Refund]:
+    body = _body(user_id=str(user_id), amount=amount, description=description, metadata=metadata)
+    return _Call("POST", f"/billing/transactions/{transaction_id}/refund", _refunded, json=body, headers=_key(key))
 
 
 def _history(user_id: UserId, limit: int, cursor: str | None) -> _Call[TransactionPage]:
@@ -324,11 +416,19 @@ class BillingClient(_Base):
         description: str,
         *,
         metadata: Metadata | None = None,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
+        category: GrantCategory | None = None,
         idempotency_key: str | None = None,
     ) -> Posted:
-        """Credit `amount` tokens, opening the account if needed."""
+        """Credit `amount` tokens as a grant, opening the account if needed.
+
+        The grant's terms are optional: `expires_at` (timezone-aware, in the future; its unspent tokens leave
+        the balance then), `priority` (0..100, lower is spent first) and `category`. Without them the service
+        grants paid tokens of priority 50 that never expire. `Posted.grant_id` names the grant.
+        """
         return self._send(
-            _ledger_write("/billing/credit-tokens", user_id, amount, description, metadata, idempotency_key)
+            _credit(user_id, amount, description, metadata, expires_at, priority, category, idempotency_key)
         )
 
     def open_account(self, user_id: UserId, *, idempotency_key: str | None = None) -> Account:
@@ -416,6 +516,34 @@ class BillingClient(_Base):
     def list_holds(self, user_id: UserId, *, status: HoldStatus = "any", limit: int = 100) -> list[Hold]:
         """A user's holds, newest first."""
         return self._send(_list_holds(user_id, status, limit))
+
+    def grants(self, user_id: UserId) -> list[Grant]:
+        """The live grants (tokens left to draw, or reserved by holds) in the order debits draw them: the
+        lowest priority first, then the earliest expiry (none last), then the oldest."""
+        return self._send(_Call("GET", f"/billing/grants/{user_id}", _grants))
+
+    def void_grant(self, grant_id: GrantId, *, description: str | None = None) -> VoidedGrant:
+        """Remove what is left of a grant (a revoked trial). Raises `GrantNotFound`. Idempotent: voiding again
+        removes nothing and answers with `voided=0`, `replayed=True`."""
+        return self._send(_void_grant(grant_id, description))
+
+    def refund(
+        self,
+        transaction_id: TransactionId,
+        *,
+        user_id: UserId,
+        amount: int | None = None,
+        description: str,
+        metadata: Metadata | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        """Give back all (`amount=None`: whatever is not refunded yet) or part of a debit or a capture of
+        `user_id`'s account, to the grants that paid for it, the last drawn first.
+
+        Raises `RefundExceedsCharge` past what is left of the charge, `NotRefundable` for anything but a debit
+        or a capture, and `TransactionNotFound` for an unknown transaction or another account's.
+        """
+        return self._send(_refund(transaction_id, user_id, amount, description, metadata, idempotency_key))
 
     @contextmanager
     def reserve(
@@ -533,11 +661,19 @@ class AsyncBillingClient(_Base):
         description: str,
         *,
         metadata: Metadata | None = None,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
+        category: GrantCategory | None = None,
         idempotency_key: str | None = None,
     ) -> Posted:
-        """Credit `amount` tokens, opening the account if needed."""
+        """Credit `amount` tokens as a grant, opening the account if needed.
+
+        The grant's terms are optional: `expires_at` (timezone-aware, in the future; its unspent tokens leave
+        the balance then), `priority` (0..100, lower is spent first) and `category`. Without them the service
+        grants paid tokens of priority 50 that never expire. `Posted.grant_id` names the grant.
+        """
         return await self._send(
-            _ledger_write("/billing/credit-tokens", user_id, amount, description, metadata, idempotency_key)
+            _credit(user_id, amount, description, metadata, expires_at, priority, category, idempotency_key)
         )
 
     async def open_account(self, user_id: UserId, *, idempotency_key: str | None = None) -> Account:
@@ -628,6 +764,34 @@ class AsyncBillingClient(_Base):
     async def list_holds(self, user_id: UserId, *, status: HoldStatus = "any", limit: int = 100) -> list[Hold]:
         """A user's holds, newest first."""
         return await self._send(_list_holds(user_id, status, limit))
+
+    async def grants(self, user_id: UserId) -> list[Grant]:
+        """The live grants (tokens left to draw, or reserved by holds) in the order debits draw them: the
+        lowest priority first, then the earliest expiry (none last), then the oldest."""
+        return await self._send(_Call("GET", f"/billing/grants/{user_id}", _grants))
+
+    async def void_grant(self, grant_id: GrantId, *, description: str | None = None) -> VoidedGrant:
+        """Remove what is left of a grant (a revoked trial). Raises `GrantNotFound`. Idempotent: voiding again
+        removes nothing and answers with `voided=0`, `replayed=True`."""
+        return await self._send(_void_grant(grant_id, description))
+
+    async def refund(
+        self,
+        transaction_id: TransactionId,
+        *,
+        user_id: UserId,
+        amount: int | None = None,
+        description: str,
+        metadata: Metadata | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        """Give back all (`amount=None`: whatever is not refunded yet) or part of a debit or a capture of
+        `user_id`'s account, to the grants that paid for it, the last drawn first.
+
+        Raises `RefundExceedsCharge` past what is left of the charge, `NotRefundable` for anything but a debit
+        or a capture, and `TransactionNotFound` for an unknown transaction or another account's.
+        """
+        return await self._send(_refund(transaction_id, user_id, amount, description, metadata, idempotency_key))
 
     @asynccontextmanager
     async def reserve(

@@ -10,7 +10,12 @@ BillingError                    code, status (None when no response arrived), de
 ├── HoldNotFound                404 hold_not_found: no such hold (or not yours)
 ├── HoldNotActive               409 hold_not_active: the hold was captured, released or has expired
 ├── HoldLimitExceeded           409 capture_exceeds_hold / child_exceeds_parent / hold_depth_limit
+├── GrantNotFound               404 grant_not_found: no such grant
+├── TransactionNotFound         404 transaction_not_found: no such transaction on this account
+├── RefundExceedsCharge         409 refund_exceeds_charge: more than is left to refund of the charge
+├── NotRefundable               422 not_refundable: only a debit or a capture can be refunded
 ├── InvalidRequest              other 4xx: validation_error, invalid_cursor, payload_too_large, ...
+│   └── ExpiresAtInPast         422 expires_at_in_past: a credit's expires_at is not in the future
 └── ServiceUnavailable          502/503/504/429, or no response at all, after every retry was spent
 
 Only `ServiceUnavailable` is ever retried (inside the client, before it is raised). A 4xx is an answer,
@@ -71,8 +76,28 @@ class HoldLimitExceeded(BillingError):
     """A capture larger than the hold's remaining, a child larger than its parent, or nesting too deep."""
 
 
+class GrantNotFound(BillingError):
+    """No such grant."""
+
+
+class TransactionNotFound(BillingError):
+    """No such transaction on this account (a transaction of another account is not found either)."""
+
+
+class RefundExceedsCharge(BillingError):
+    """The refund is larger than what is left to refund of the charge. Nothing was refunded."""
+
+
+class NotRefundable(BillingError):
+    """The transaction is not a debit or a capture (a credit, say), so it cannot be refunded."""
+
+
 class InvalidRequest(BillingError):
     """The service refused the request as malformed; fix the call, retrying will not help."""
+
+
+class ExpiresAtInPast(InvalidRequest):
+    """A credit's `expires_at` is not in the future. Nothing was credited."""
 
 
 class ServiceUnavailable(BillingError):
@@ -92,6 +117,11 @@ _BY_CODE: dict[str, type[BillingError]] = {
     "capture_exceeds_hold": HoldLimitExceeded,
     "child_exceeds_parent": HoldLimitExceeded,
     "hold_depth_limit": HoldLimitExceeded,
+    "grant_not_found": GrantNotFound,
+    "transaction_not_found": TransactionNotFound,
+    "refund_exceeds_charge": RefundExceedsCharge,
+    "not_refundable": NotRefundable,
+    "expires_at_in_past": ExpiresAtInPast,
 }
 
 

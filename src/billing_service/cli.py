@@ -19,6 +19,7 @@ from uuid import UUID, uuid4
 import typer
 
 from billing_service import db
+from billing_service.allowances import rules as allowances
 from billing_service.callers import rules as callers
 from billing_service.errors import BillingError
 from billing_service.events import config as events_config
@@ -406,7 +407,7 @@ def user_token(user_id: UUID, ttl_seconds: Annotated[int, typer.Option(min=1)] =
 
 @app.command()
 def dispatch() -> None:
-    """Run the webhook dispatcher (and the hold sweeper) in this process, until interrupted.
+    """Run the webhook dispatcher (and the hold and grant sweeps, and allowance grants) here, until interrupted.
 
     Several may run: one leads at a time (an advisory lock), the others stand by. Pair it with
     BILLING_DISPATCHER=false on `billing serve` to keep deliveries out of the API's processes."""
@@ -430,6 +431,15 @@ def dispatch() -> None:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+
+
+@app.command("grant-allowances")
+def grant_allowances() -> None:
+    """Grant every allowance period that has started and is not granted yet, once (the dispatcher does this
+    every BILLING_ALLOWANCE_GRANT_INTERVAL seconds). Safe beside running dispatchers: never grants twice."""
+    settings = get_settings()
+    granted = _run(settings, _ready_database_url(settings), allowances.grant_due_periods)
+    typer.echo(f"granted {granted} allowance periods")
 
 
 webhooks_app = typer.Typer(help="Webhooks: replay events, read the delivery log.", no_args_is_help=True)

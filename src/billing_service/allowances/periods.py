@@ -33,7 +33,7 @@ def _shift(local: datetime, period: Period, k: int) -> datetime:
 
 def period_start(anchor: datetime, period: Period, zone: str, k: int) -> datetime:
     """The start of period k (k may be negative), in UTC."""
-    local = anchor.astimezone(ZoneInfo(zone)).replace(fold=0)
+    local = anchor.astimezone(ZoneInfo(zone))
     return _shift(local, period, k).astimezone(UTC)
 
 
@@ -59,13 +59,25 @@ def current_period(anchor: datetime, period: Period, zone: str, now: datetime) -
     return period_start(anchor, period, zone, k), period_start(anchor, period, zone, k + 1)
 
 
+def _exists(local: datetime) -> bool:
+    """Whether a wall time happens in its zone (not skipped by a DST change)."""
+    return local.astimezone(UTC).astimezone(local.tzinfo).replace(tzinfo=None) == local.replace(tzinfo=None)
+
+
 def calendar_anchor(period: Period, zone: str, now: datetime) -> datetime:
-    """The start of the calendar period containing `now` in `zone`: midnight, Monday midnight, or the 1st."""
+    """A calendar start (midnight; Monday midnight; the 1st at midnight) at or before `now` in `zone`, in UTC.
+
+    Usually the current period's. Periods repeat the anchor's wall time, so where that midnight was skipped
+    by a DST change (Chile, and Brazil until 2019, change clocks at midnight) the anchor is an earlier
+    midnight that did happen: the skipped one then still starts its day, at the instant the day began."""
     local = now.astimezone(ZoneInfo(zone))
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
     if period == "week":
-        midnight = (midnight - timedelta(days=local.weekday())).replace(fold=0)
+        midnight -= timedelta(days=local.weekday())
     elif period == "month":
         midnight = midnight.replace(day=1)
-    # Re-resolve the wall time in its zone (the offset of `local` may not be midnight's).
-    return midnight.replace(tzinfo=None).replace(tzinfo=ZoneInfo(zone)).astimezone(UTC)
+    for k in range(0, -12, -1):
+        candidate = _shift(midnight, period, k)
+        if _exists(candidate):
+            return candidate.astimezone(UTC)
+    return midnight.astimezone(UTC)  # no zone skips a year of midnights; this line only bounds the loop

@@ -33,6 +33,8 @@ def _shift(local: datetime, period: Period, k: int) -> datetime:
 
 def period_start(anchor: datetime, period: Period, zone: str, k: int) -> datetime:
     """The start of period k (k may be negative), in UTC."""
+    if k == 0:
+        return anchor.astimezone(UTC)  # exactly, even in a repeated hour (wall-clock arithmetic resets fold)
     local = anchor.astimezone(ZoneInfo(zone))
     return _shift(local, period, k).astimezone(UTC)
 

@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 from uuid import UUID
 from zoneinfo import available_timezones
 
-import pydantic
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BeforeValidator, AwareDatetime, BaseModel, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from billing_service.ledger.schemas import MAX_AMOUNT, Amount, Category, Description, Priority, Strict
 
@@ -39,9 +38,16 @@ TimeZone = Annotated[
     Field(max_length=64, description="An IANA time zone name; periods follow its calendar and its DST."),
     AfterValidator(_known_zone),
 ]
+def _text(value: object) -> object:
+    # Not a number: a Unix time would pass as an aware datetime, but the contract is RFC 3339 with an offset.
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an RFC 3339 date-time with an offset")
+    return value
+
+
 Anchor = Annotated[
     AwareDatetime,
-    pydantic.Strict(),
+    BeforeValidator(_text),
     AfterValidator(_near),
     Field(description="RFC 3339 with an offset: periods start at anchor + k periods on the time zone's calendar."),
 ]

@@ -33,8 +33,13 @@ def at(text: str) -> datetime:
 
 @pytest.mark.parametrize(
     ("period", "zone"),
-    [("month", "UTC"), ("week", "UTC"), ("day", "America/Sao_Paulo"), ("week", "Asia/Kolkata"),
-     ("month", "Asia/Kolkata")],
+    [
+        ("month", "UTC"),
+        ("week", "UTC"),
+        ("day", "America/Sao_Paulo"),
+        ("week", "Asia/Kolkata"),
+        ("month", "Asia/Kolkata"),
+    ],
 )
 def test_post_grants_the_current_calendar_period_now_expiring_at_its_end(client, user_id, period, zone):
     allowance = create(client, user_id, amount=1000, period=period, timezone=zone)
@@ -59,8 +64,17 @@ def test_post_grants_the_current_calendar_period_now_expiring_at_its_end(client,
 def test_an_explicit_anchor_sets_the_periods_in_its_zone(client, user_id):
     # Anchored on the 31st at 09:00 in Kolkata: months start on the 31st, or the month's last day.
     anchor = datetime(2026, 1, 31, 9, 0, tzinfo=ZoneInfo("Asia/Kolkata"))
-    allowance = create(client, user_id, amount=10, period="month", timezone="Asia/Kolkata",
-                       anchor=anchor.isoformat(), priority=10, category="paid", description="Pro plan")
+    allowance = create(
+        client,
+        user_id,
+        amount=10,
+        period="month",
+        timezone="Asia/Kolkata",
+        anchor=anchor.isoformat(),
+        priority=10,
+        category="paid",
+        description="Pro plan",
+    )
     now = datetime.now(UTC)
     start, end = current_period(anchor, "month", "Asia/Kolkata", now)
     assert start <= now < end
@@ -161,8 +175,10 @@ def test_unknown_allowances_are_404_and_users_read_only_their_own(server, client
         assert own.get(f"/billing/allowances/{allowance['allowance_id']}").status_code == 200
         assert own.get("/billing/allowances", params={"user_id": str(user_id)}).status_code == 200
         assert own.delete(f"/billing/allowances/{allowance['allowance_id']}").status_code == 403
-        assert own.post("/billing/allowances", json={"user_id": str(user_id), "amount": 1, "period": "day"}
-                        ).status_code == 403
+        assert (
+            own.post("/billing/allowances", json={"user_id": str(user_id), "amount": 1, "period": "day"}).status_code
+            == 403
+        )
     with server.client(token=user_jwt(uuid.uuid4())) as stranger:
         assert stranger.get(f"/billing/allowances/{allowance['allowance_id']}").status_code == 403
         assert stranger.get("/billing/allowances", params={"user_id": str(user_id)}).status_code == 403

@@ -8,7 +8,17 @@ from typing import Annotated, Literal
 from uuid import UUID
 from zoneinfo import available_timezones
 
-from pydantic import AfterValidator, BeforeValidator, AwareDatetime, BaseModel, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from billing_service.ledger.schemas import MAX_AMOUNT, Amount, Category, Description, Priority, Strict
 
@@ -38,6 +48,8 @@ TimeZone = Annotated[
     Field(max_length=64, description="An IANA time zone name; periods follow its calendar and its DST."),
     AfterValidator(_known_zone),
 ]
+
+
 def _text(value: object) -> object:
     # Not a number: a Unix time would pass as an aware datetime, but the contract is RFC 3339 with an offset.
     if not isinstance(value, str | datetime):

@@ -343,6 +343,7 @@ def audit() -> None:
             accounts, findings = ledger.audit(conn)
             hold_findings = holds.audit(conn)
             grant_findings = grants.audit(conn)
+            allowance_findings = allowances.audit(conn)
             unattributed = ledger.unattributed_rows(conn)
     except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
         raise _fail(f"audit could not run: {exc}") from exc
@@ -355,18 +356,20 @@ def audit() -> None:
         typer.echo(f"HOLD DRIFT {user_id}{f' hold {hold_id}' if hold_id else ''}: {problem}")
     for user_id, grant_id, problem in grant_findings:
         typer.echo(f"GRANT DRIFT {user_id}{f' grant {grant_id}' if grant_id else ''}: {problem}")
+    for user_id, allowance_id, problem in allowance_findings:
+        typer.echo(f"ALLOWANCE DRIFT {user_id} allowance {allowance_id}: {problem}")
     if unattributed:
         # A warning, not drift: rows written before migration 0004 never had a recorded caller.
         typer.echo(f"warning: {unattributed} ledger rows have no recorded caller (posted_by)")
-    if findings or hold_findings or grant_findings:
+    if findings or hold_findings or grant_findings or allowance_findings:
         typer.echo(
             f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems, "
-            f"{len(grant_findings)} grant problems"
+            f"{len(grant_findings)} grant problems, {len(allowance_findings)} allowance problems"
         )
         raise typer.Exit(code=1)
     typer.echo(
         f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, "
-        "all holds and grants add up"
+        "all holds and grants add up, no allowance period granted twice"
     )
 
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from billing_service.allowances import periods, sql
@@ -270,3 +271,8 @@ async def _finish(pool: AsyncConnectionPool, terms: _Terms, period_start: dateti
             {**key, "period_end": period_end, "grant_id": posted.grant_id, "transaction_id": posted.transaction_id},
         )
     return 0 if posted.replayed else 1
+
+
+def audit(conn: psycopg.Connection[Any]) -> list[tuple[UUID, UUID, str]]:
+    """Every allowance period credited more than once, and every period whose recorded grant does not match."""
+    return [(user_id, allowance_id, problem) for user_id, allowance_id, problem in conn.execute(sql.ALLOWANCE_AUDIT)]

@@ -128,3 +128,22 @@ WITH recorded AS (
 UPDATE allowances SET next_period_at = %(period_end)s
 WHERE user_id = %(user_id)s AND id = %(allowance_id)s AND next_period_at < %(period_end)s
 """
+
+# For `billing audit`: one row per problem. A period credited more than once (the promise this domain keeps),
+# and a period whose recorded grant is not an allowance grant of the period's amount.
+ALLOWANCE_AUDIT: LiteralString = """
+SELECT t.user_id, (t.metadata ->> 'allowance_id')::uuid AS allowance_id,
+       format('period %s credited %s times', t.metadata ->> 'period_start', count(*)) AS problem
+FROM transactions t
+WHERE t.type = 'credit' AND t.posted_by = 'system:allowance' AND t.metadata ? 'allowance_id'
+GROUP BY t.user_id, t.metadata ->> 'allowance_id', t.metadata ->> 'period_start'
+HAVING count(*) > 1
+UNION ALL
+SELECT p.user_id, p.allowance_id, format('period %s records grant %s, not an allowance grant of %s', p.period_start,
+                                         p.grant_id, p.amount)
+FROM allowance_periods p
+WHERE p.grant_id IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM grants g
+    WHERE g.user_id = p.user_id AND g.id = p.grant_id AND g.source = 'allowance' AND g.amount = p.amount)
+ORDER BY 1, 2
+"""

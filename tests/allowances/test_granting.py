@@ -204,6 +204,20 @@ def test_a_stopped_allowance_is_not_granted_on_comeback(quiet_database, db_quiet
     assert credits_of(db_quiet, allowance.allowance_id) == []
 
 
+def test_an_allowance_the_ledger_refuses_does_not_hold_up_the_others(quiet_database, db_quiet):
+    full, fine = create_quietly(quiet_database, 2)
+
+    async def fill(pool: Any) -> None:
+        await ledger.credit(pool, user_id=full.user_id, amount=2**63 - 1 - 50, description="a whale")
+
+    with_pool(quiet_database, fill)
+    assert with_pool(quiet_database, allowances.grant_due_periods) >= 1  # 100 more would overflow the balance
+    assert_granted_once(db_quiet, fine)
+    assert credits_of(db_quiet, full.allowance_id) == []
+    [(_, _, _, grant_id)] = periods_of(db_quiet, full.allowance_id)
+    assert grant_id is None  # claimed, still due: granted once the balance has room
+
+
 def test_the_quiet_database_audits_clean_after_all_the_races(quiet_database):
     # Last in this module (pytest keeps file order): every race above left the books exact.
     with psycopg.connect(quiet_database) as conn:

@@ -15,6 +15,7 @@ comes back, but periods that ended in between are not (their grants would have e
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,7 +25,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from billing_service.allowances import periods, sql
-from billing_service.errors import IdempotencyKeyReused, NotFound
+from billing_service.errors import BillingError, IdempotencyKeyReused, NotFound
 from billing_service.idempotency import request_hash
 from billing_service.ledger import rules as ledger
 
@@ -205,18 +206,28 @@ async def grant_due_periods(pool: AsyncConnectionPool, *, limit: int = 500) -> i
         cursor = await conn.execute(sql.PENDING_CLAIMS, {"limit": limit})
         pending = [(_Terms(*row[:10]), row[10]) for row in await cursor.fetchall()]
         cursor = await conn.execute(sql.DUE_ALLOWANCES, {"limit": limit})
-        due = [_Terms(*row) for row in await cursor.fetchall()]
+        due = [(_Terms(*row[:10]), row[10]) for row in await cursor.fetchall()]
     granted = 0
     for terms, period_start in pending:
-        granted += await _finish(pool, terms, period_start)
-    for terms in due:
-        granted += await _grant_current(pool, terms)
+        granted += await _refusal_logged(_finish(pool, terms, period_start), terms)
+    for terms, now in due:
+        granted += await _refusal_logged(_grant_current(pool, terms, now), terms)
     return granted
 
 
-async def _grant_current(pool: AsyncConnectionPool, terms: _Terms) -> int:
-    """Claim and credit the allowance's current period (if not claimed yet and not stopped)."""
-    now = datetime.now(UTC)
+async def _refusal_logged(granting: Awaitable[int], terms: _Terms) -> int:
+    # One allowance the ledger refuses (a balance at the ledger's limit) must not hold up all the others; it
+    # stays due and is tried again next time. A lost database still stops the whole pass.
+    try:
+        return await granting
+    except BillingError as exc:
+        log.error("allowance %s: the ledger refused its period: %s (%s)", terms.allowance_id, exc.detail, exc.code)
+        return 0
+
+
+async def _grant_current(pool: AsyncConnectionPool, terms: _Terms, now: datetime | None = None) -> int:
+    """Claim and credit the allowance's current period at `now` (if not claimed yet and not stopped)."""
+    now = now or datetime.now(UTC)
     k = periods.period_index(terms.anchor, terms.period, terms.timezone, now)
     start = periods.period_start(terms.anchor, terms.period, terms.timezone, k)
     async with pool.connection() as conn:

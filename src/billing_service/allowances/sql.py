@@ -65,9 +65,10 @@ RETURNING user_id
 
 _TERMS = "a.id, a.user_id, a.amount, a.period, a.timezone, a.anchor, a.rollover, a.priority, a.category, a.description"
 
-# The granter's work list: active allowances whose next period has started.
+# The granter's work list: active allowances whose next period has started, and the database's clock (the
+# one CLAIM_PERIOD checks), so that the granter picks the period the database agrees has begun.
 DUE_ALLOWANCES: LiteralString = f"""
-SELECT {_TERMS}
+SELECT {_TERMS}, statement_timestamp()
 FROM allowances a
 WHERE a.stopped_at IS NULL AND a.next_period_at <= statement_timestamp()
 ORDER BY a.next_period_at

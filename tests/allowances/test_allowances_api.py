@@ -8,10 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 
 from allowances.conftest import credits_of, periods_of
+from billing_service.allowances import rules as allowances
 from billing_service.allowances.periods import calendar_anchor, current_period
+from billing_service.grants.rules import audit as grants_audit
+from billing_service.ledger import rules as ledger
 from conftest import user_jwt
 
 
@@ -189,3 +193,13 @@ def test_an_anchor_in_the_future_still_grants_the_period_running_now(client, use
     allowance = create(client, user_id, amount=9, period="week", anchor=anchor.isoformat())
     start, end = at(allowance["latest_period"]["period_start"]), at(allowance["latest_period"]["period_end"])
     assert start <= datetime.now(UTC) < end and end == anchor
+
+
+def test_the_books_of_every_user_with_an_allowance_audit_clean(database_url, db):
+    # The shared database also holds other tests' deliberate damage; none of it may touch an allowance user.
+    with psycopg.connect(database_url) as conn:
+        drifting = {finding.user_id for finding in ledger.audit(conn)[1]}
+        drifting |= {user for user, _, _ in grants_audit(conn)}
+        assert allowances.audit(conn) == []
+    with_allowances = {row[0] for row in db.execute("SELECT DISTINCT user_id FROM allowances")}
+    assert with_allowances and not drifting & with_allowances

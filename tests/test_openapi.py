@@ -12,6 +12,10 @@ ENDPOINTS = {
     ("post", "/billing/accounts"): {200, 401, 403, 413, 415, 422, 503},
     ("get", "/billing/balance/{user_id}"): {401, 403, 404, 422, 503},
     ("get", "/billing/transactions/{user_id}"): {401, 403, 404, 422, 503},
+    ("post", "/billing/allowances"): {401, 403, 409, 413, 415, 422, 503},
+    ("get", "/billing/allowances"): {401, 403, 422, 503},
+    ("get", "/billing/allowances/{allowance_id}"): {401, 403, 404, 422, 503},
+    ("delete", "/billing/allowances/{allowance_id}"): {401, 403, 404, 422, 503},
     ("get", "/healthz"): set(),
     ("get", "/readyz"): {503},
 }
@@ -50,7 +54,7 @@ def test_billing_endpoints_declare_bearer_auth(openapi, method, path):
 
 
 def test_writes_document_the_idempotency_key_header(openapi):
-    for path in ("/billing/charge-tokens", "/billing/credit-tokens", "/billing/accounts"):
+    for path in ("/billing/charge-tokens", "/billing/credit-tokens", "/billing/accounts", "/billing/allowances"):
         parameters = openapi["paths"][path]["post"]["parameters"]
         header = next(p for p in parameters if p["name"] == "Idempotency-Key")
         assert header["in"] == "header"

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from billing_service import db, metrics
+from billing_service.allowances.routes import router as allowances_router
 from billing_service.callers.routes import router as tokens_router
 from billing_service.callers.rules import DatabaseTokens
 from billing_service.console.routes import router as console_router
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Edge:
     app.include_router(holds_router)
     app.include_router(grants_router)
     app.include_router(refunds_router)
+    app.include_router(allowances_router)
     app.include_router(events_router)
     app.include_router(tokens_router)
     app.include_router(health)

@@ -19,6 +19,7 @@ from uuid import UUID, uuid4
 import typer
 
 from billing_service import db
+from billing_service.allowances import rules as allowances
 from billing_service.callers import rules as callers
 from billing_service.errors import BillingError
 from billing_service.events import config as events_config
@@ -342,6 +343,7 @@ def audit() -> None:
             accounts, findings = ledger.audit(conn)
             hold_findings = holds.audit(conn)
             grant_findings = grants.audit(conn)
+            allowance_findings = allowances.audit(conn)
             unattributed = ledger.unattributed_rows(conn)
     except Exception as exc:  # noqa: BLE001 - report any database failure as a clear error
         raise _fail(f"audit could not run: {exc}") from exc
@@ -354,18 +356,20 @@ def audit() -> None:
         typer.echo(f"HOLD DRIFT {user_id}{f' hold {hold_id}' if hold_id else ''}: {problem}")
     for user_id, grant_id, problem in grant_findings:
         typer.echo(f"GRANT DRIFT {user_id}{f' grant {grant_id}' if grant_id else ''}: {problem}")
+    for user_id, allowance_id, problem in allowance_findings:
+        typer.echo(f"ALLOWANCE DRIFT {user_id} allowance {allowance_id}: {problem}")
     if unattributed:
         # A warning, not drift: rows written before migration 0004 never had a recorded caller.
         typer.echo(f"warning: {unattributed} ledger rows have no recorded caller (posted_by)")
-    if findings or hold_findings or grant_findings:
+    if findings or hold_findings or grant_findings or allowance_findings:
         typer.echo(
             f"audit: {len(findings)} of {accounts} accounts drift, {len(hold_findings)} hold problems, "
-            f"{len(grant_findings)} grant problems"
+            f"{len(grant_findings)} grant problems, {len(allowance_findings)} allowance problems"
         )
         raise typer.Exit(code=1)
     typer.echo(
         f"audit: {accounts} accounts, all balances equal their ledgers, all chains consistent, "
-        "all holds and grants add up"
+        "all holds and grants add up, no allowance period granted twice"
     )
 
 
@@ -406,7 +410,7 @@ def user_token(user_id: UUID, ttl_seconds: Annotated[int, typer.Option(min=1)] =
 
 @app.command()
 def dispatch() -> None:
-    """Run the webhook dispatcher (and the hold sweeper) in this process, until interrupted.
+    """Run the webhook dispatcher (and the hold and grant sweeps, and allowance grants) here, until interrupted.
 
     Several may run: one leads at a time (an advisory lock), the others stand by. Pair it with
     BILLING_DISPATCHER=false on `billing serve` to keep deliveries out of the API's processes."""
@@ -430,6 +434,15 @@ def dispatch() -> None:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+
+
+@app.command("grant-allowances")
+def grant_allowances() -> None:
+    """Grant every allowance period that has started and is not granted yet, once (the dispatcher does this
+    every BILLING_ALLOWANCE_GRANT_INTERVAL seconds). Safe beside running dispatchers: never grants twice."""
+    settings = get_settings()
+    granted = _run(settings, _ready_database_url(settings), allowances.grant_due_periods)
+    typer.echo(f"granted {granted} allowance periods")
 
 
 webhooks_app = typer.Typer(help="Webhooks: replay events, read the delivery log.", no_args_is_help=True)

@@ -33,6 +33,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_EVENTS_RETENTION_DAYS | delivered events older than this are pruned (30)                   |
 | BILLING_HOLD_SWEEP_INTERVAL | seconds between the dispatcher's expiry sweeps (5)                   |
 | BILLING_HOLD_SWEEP_DELAY   | a hold is swept this many seconds after it expired (5)                |
+| BILLING_ALLOWANCE_GRANT_INTERVAL | seconds between the dispatcher's grants of allowance periods (5) |
 | BILLING_LOG_FORMAT         | `json` or `console`; default console when embedded, json otherwise   |
 | BILLING_LOG_LEVEL          | root log level: debug, info, warning, error (info)                    |
 | BILLING_ACCESS_LOG         | one log line per request, with its request id (true)                  |
@@ -103,6 +104,7 @@ class Settings(BaseSettings):
     events_retention_days: float = Field(default=30.0, gt=0)
     hold_sweep_interval: float = Field(default=5.0, gt=0)
     hold_sweep_delay: float = Field(default=5.0, ge=0)
+    allowance_grant_interval: float = Field(default=5.0, gt=0)
     console: bool = True
     console_session_seconds: int = Field(default=1800, ge=60, le=86_400)
 

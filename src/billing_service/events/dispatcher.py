@@ -11,7 +11,8 @@ Each turn of the loop:
    each result is recorded (delivered, or pending with the next attempt's time, or failed) with its attempt;
 3. now and then: expire holds whose lease ran out and grants past their expiry (holds/rules.py
    `sweep_due_trees`, grants/rules.py `sweep_due_accounts`), so hold.expired and grant.expired appear
-   in bounded time even if no request touches them, and prune what retention allows.
+   in bounded time even if no request touches them; grant the allowances' periods that have started
+   (allowances/rules.py `grant_due_periods`: never twice, however many run); and prune what retention allows.
 
 It polls the outbox (every 100 ms while busy, backing off to 1 s when idle) and also wakes on
 `NOTIFY billing_dispatcher` (sent by webhook creation and replays), never on the charge path: a NOTIFY in
@@ -39,6 +40,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks.webhooks import Webhook
 
+from billing_service.allowances import rules as allowances
 from billing_service.errors import DATABASE_DOWN, InvalidRequest
 from billing_service.events import rules, sql
 from billing_service.grants import rules as grants
@@ -109,6 +111,7 @@ class Dispatcher:
         self._in_flight: dict[tuple[UUID, UUID], asyncio.Task[None]] = {}
         self._results: asyncio.Queue[_Result] = asyncio.Queue()
         self._last_sweep = 0.0
+        self._last_allowances = 0.0
         self._last_prune = 0.0
         self.leading = False
 
@@ -270,6 +273,14 @@ class Dispatcher:
                     log.info("wrote off %d tokens of expired grants", written_off)
             except (*DATABASE_DOWN, psycopg.Error, OSError) as exc:
                 log.warning("hold sweep failed: %s", exc)
+        if now - self._last_allowances >= self._settings.allowance_grant_interval:
+            self._last_allowances = now
+            try:
+                granted = await allowances.grant_due_periods(self._pool)
+                if granted:
+                    log.info("granted %d allowance periods", granted)
+            except (*DATABASE_DOWN, psycopg.Error, OSError) as exc:
+                log.warning("allowance grants failed: %s", exc)
         if now - self._last_prune >= PRUNE_EVERY:
             self._last_prune = now
             try:

@@ -234,6 +234,21 @@ class ErrorBody(BaseModel):
     code: str
 
 
+# The answers every authenticated route may give, whatever it does.
+_EVERY_ROUTE = {
+    401: "Missing or invalid token",
+    403: "Token may not do this",
+    422: "Invalid request",
+    503: "Database unavailable; retry after Retry-After",
+}
+
+
+def documented(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for OpenAPI: its own error answers (which may reword a common one) plus the
+    answers every route may give, each with the {detail, code} body."""
+    return {status: {"model": ErrorBody, "description": text} for status, text in {**_EVERY_ROUTE, **described}.items()}
+
+
 # Connection refused, connection lost, pool exhausted, statement timeout: all retryable, all 503.
 DATABASE_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 

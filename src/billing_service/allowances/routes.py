@@ -11,26 +11,23 @@ from fastapi.responses import JSONResponse
 from billing_service.allowances import rules as allowances
 from billing_service.allowances.schemas import AllowanceRequest, AllowanceResponse, PeriodResponse
 from billing_service.edge.auth import AnyCaller, ReaderCaller, ServiceCaller, authorize_reader
-from billing_service.errors import ErrorBody
+from billing_service.errors import documented
 from billing_service.ledger.routes import IdempotencyKey, _pool
 
 router = APIRouter(prefix="/billing/allowances", tags=["allowances"])
 
 
+_DESCRIBED = {
+    404: "No such allowance",
+    409: "Concurrent request with the same Idempotency-Key",
+    413: "Body too large",
+    415: "Body not declared as JSON",
+    422: "Invalid request (a bad period, time zone, anchor or amount)",
+}
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        401: "Missing or invalid token",
-        403: "Token may not do this",
-        404: "No such allowance",
-        409: "Concurrent request with the same Idempotency-Key",
-        413: "Body too large",
-        415: "Body not declared as JSON",
-        422: "Invalid request (a bad period, time zone, anchor or amount)",
-        503: "Database unavailable; retry after Retry-After",
-    }
-    return {
-        status: {"model": ErrorBody, "description": described[status]} for status in (401, 403, 422, 503, *statuses)
-    }
+    return documented({status: _DESCRIBED[status] for status in (422, *statuses)})
 
 
 def _view(allowance: allowances.Allowance) -> AllowanceResponse:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from billing_service.edge.auth import ReaderCaller, ServiceCaller
-from billing_service.errors import ErrorBody
+from billing_service.errors import documented
 from billing_service.grants import rules as grants
 from billing_service.grants.schemas import GrantResponse, VoidRequest, VoidResponse
 from billing_service.ledger.routes import _pool
 
 router = APIRouter(prefix="/billing/grants", tags=["grants"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        401: "Missing or invalid token",
-        403: "Token may not do this",
-        404: "No such account or grant",
-        422: "Invalid request",
-        503: "Database unavailable; retry after Retry-After",
-    }.items()
-}
+_ERRORS = documented({404: "No such account or grant"})
 
 
 def _view(grant: grants.Grant) -> GrantResponse:

@@ -13,7 +13,7 @@ from billing_service.edge import codec
 from billing_service.edge.auth import AnyCaller, Caller, ReaderCaller, ServiceCaller
 from billing_service.edge.codec import Answer
 from billing_service.edge.fast_lane import FastRoute
-from billing_service.errors import ErrorBody, HoldNotFound
+from billing_service.errors import HoldNotFound, documented
 from billing_service.holds import rules as holds
 from billing_service.holds.schemas import (
     CaptureRequest,
@@ -29,12 +29,7 @@ from billing_service.ledger.routes import IdempotencyKey, _pool
 router = APIRouter(prefix="/billing/holds", tags=["holds"])
 
 
-def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    common = {401: "Missing or invalid token", 403: "Token may not do this", 422: "Invalid request"}
-    return {
-        status: {"model": ErrorBody, "description": text}
-        for status, text in {**common, 503: "Database unavailable; retry after Retry-After", **described}.items()
-    }
+_errors = documented
 
 
 _NOT_FOUND = {404: "No such hold"}

@@ -19,7 +19,7 @@ from billing_service import metrics
 from billing_service.edge.auth import Caller, ReaderCaller, ServiceCaller
 from billing_service.edge.codec import Answer
 from billing_service.edge.fast_lane import FastRoute
-from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest
+from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest, documented
 from billing_service.ledger import rules as ledger
 from billing_service.ledger.batcher import ChargeBatcher
 from billing_service.ledger.schemas import (
@@ -52,21 +52,17 @@ IdempotencyKey = Annotated[
 ]
 
 
+_DESCRIBED = {
+    402: "Insufficient balance, or unknown account",
+    404: "Account not found",
+    409: "Concurrent request with the same Idempotency-Key",
+    413: "Body too large",
+    415: "Body not declared as JSON",
+}
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {401: "Missing or invalid token", 403: "Token may not do this", 422: "Invalid request"}
-    described.update(
-        {
-            402: "Insufficient balance, or unknown account",
-            404: "Account not found",
-            409: "Concurrent request with the same Idempotency-Key",
-            413: "Body too large",
-            415: "Body not declared as JSON",
-            503: "Database unavailable; retry after Retry-After",
-        }
-    )
-    return {
-        status: {"model": ErrorBody, "description": described[status]} for status in (401, 403, 422, 503, *statuses)
-    }
+    return documented({status: _DESCRIBED[status] for status in statuses})
 
 
 def _pool(request: Request) -> AsyncConnectionPool:

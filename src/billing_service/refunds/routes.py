@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from billing_service.edge.auth import ServiceCaller
-from billing_service.errors import ErrorBody
+from billing_service.errors import documented
 from billing_service.ledger.routes import IdempotencyKey, _pool
 from billing_service.refunds import rules as refunds
 from billing_service.refunds.schemas import RefundRequest, RefundResponse
 
 router = APIRouter(prefix="/billing/transactions", tags=["refunds"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        401: "Missing or invalid token",
-        403: "Token may not do this",
+_ERRORS = documented(
+    {
         404: "No such transaction on this account",
         409: "More than is left to refund, or a concurrent request with the same Idempotency-Key",
         413: "Body too large",
         415: "Body not declared as JSON",
         422: "Invalid request, or not a debit or capture",
-        503: "Database unavailable; retry after Retry-After",
-    }.items()
-}
+    }
+)
 
 
 @router.post("/{transaction_id}/refund", response_model=RefundResponse, responses=_ERRORS)

@@ -157,3 +157,31 @@ def test_a_description_out_of_bounds_is_refused_before_touching_money(cli_databa
     assert_clear_error(billing(cli_database, "credit", str(user), "5", "-d", "x" * 1001), "1 to 1,000 characters")
     with psycopg.connect(cli_database, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM accounts WHERE user_id = %s", (user,)).fetchone() == (0,)
+
+
+def test_a_credit_from_the_cli_is_a_grant_with_the_apis_terms_and_bounds(cli_database):
+    user = uuid.uuid4()
+    granted = billing(
+        cli_database,
+        "credit",
+        str(user),
+        "40",
+        "--priority",
+        "10",
+        "--category",
+        "promotional",
+        "--expires-at",
+        "2099-01-01T00:00:00+00:00",
+    )
+    assert granted.returncode == 0, granted.stdout + granted.stderr
+    assert ", grant " in granted.stdout
+    assert_clear_error(
+        billing(cli_database, "credit", str(user), "5", "--expires-at", "2001-01-01T00:00:00+00:00"),
+        "expires_at_in_past",
+    )
+    assert_clear_error(billing(cli_database, "credit", str(user), "5", "--category", "gift"), "paid or promotional")
+    with psycopg.connect(cli_database, autocommit=True) as conn:
+        grant = conn.execute(
+            "SELECT amount, priority, category, expires_at IS NOT NULL FROM grants WHERE user_id = %s", (user,)
+        ).fetchall()
+    assert grant == [(40, 10, "promotional", True)]

@@ -253,7 +253,8 @@ def migrate() -> None:
 
 def _posted_line(posted: ledger.Posted) -> str:
     replay = " (replayed)" if posted.replayed else ""
-    return f"transaction {posted.transaction_id}: balance {posted.balance}{replay}"
+    grant = f", grant {posted.grant_id}" if posted.grant_id else ""
+    return f"transaction {posted.transaction_id}: balance {posted.balance}{grant}{replay}"
 
 
 Description = Annotated[str, typer.Option("--description", "-d", help="1 to 1,000 characters.")]
@@ -274,6 +275,7 @@ def _post_from_cli(
     amount: int,
     description: str,
     idempotency_key: str | None,
+    **terms: ledger.GrantTerms,
 ) -> None:
     """Credit or charge through the same ledger function as the API, with the API's bounds."""
     if not 1 <= len(description) <= 1000:
@@ -291,6 +293,7 @@ def _post_from_cli(
             description=description,
             idempotency_key=idempotency_key,
             posted_by=_cli_caller(),
+            **terms,
         ),
     )
     typer.echo(_posted_line(posted))
@@ -298,10 +301,22 @@ def _post_from_cli(
 
 @app.command()
 def credit(
-    user_id: UUID, amount: Amount, description: Description = "operator credit", idempotency_key: IdempotencyKey = None
+    user_id: UUID,
+    amount: Amount,
+    description: Description = "operator credit",
+    idempotency_key: IdempotencyKey = None,
+    priority: Annotated[int, typer.Option(min=0, max=100, help="0..100; lower is spent first.")] = 50,
+    category: Annotated[str, typer.Option(help="paid or promotional.")] = "paid",
+    expires_at: Annotated[
+        datetime | None,
+        typer.Option(formats=["%Y-%m-%dT%H:%M:%S%z"], help="When the grant's unspent tokens expire (with an offset)."),
+    ] = None,
 ) -> None:
-    """Credit tokens to a user (opens the account if needed)."""
-    _post_from_cli(ledger.credit, user_id, amount, description, idempotency_key)
+    """Credit tokens to a user as a grant (opens the account if needed)."""
+    if category not in ("paid", "promotional"):
+        raise _fail("the category must be paid or promotional")
+    terms = ledger.GrantTerms(priority=priority, category=category, expires_at=expires_at)
+    _post_from_cli(ledger.credit, user_id, amount, description, idempotency_key, terms=terms)
 
 
 @app.command()

@@ -113,7 +113,7 @@ def test_history_filters_by_run_type_and_time(client, user_id):
     assert amounts(since=middle) == [-30, -20]
     assert amounts(until=middle) == [-10, 1000]
     assert amounts(run_id="r1", since=middle, type="capture") == [-30]
-    assert client.get(f"/billing/transactions/{user_id}", params={"type": "refund"}).status_code == 422
+    assert client.get(f"/billing/transactions/{user_id}", params={"type": "transfer"}).status_code == 422
     assert client.get(f"/billing/transactions/{user_id}", params={"run_id": "a\x00b"}).status_code == 422
     assert client.get(f"/billing/transactions/{user_id}", params={"since": "2026-01-01T00:00:00"}).status_code == 422
 

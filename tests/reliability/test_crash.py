@@ -96,6 +96,12 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
             ):
                 log.refused.add(key)
                 break
+            if response.status_code == 422 and response.json()["code"] == "expires_at_in_past":
+                # Its first attempt died with the server before committing, and its grant's expiry has passed
+                # since: refused, nothing moved (a committed first attempt would have replayed).
+                assert datetime.fromisoformat(body["expires_at"]) <= datetime.now(UTC), body
+                log.refused.add(key)
+                break
             if response.status_code in (409, 503):
                 await asyncio.sleep(0.1)
                 continue

@@ -56,7 +56,15 @@ def _answer(allowance: allowances.Allowance, *, replayed: bool = False, status_c
     return JSONResponse(_view(allowance).model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
-@router.post("", response_model=AllowanceResponse, status_code=201, responses=_errors(409, 413, 415))
+@router.post(
+    "",
+    response_model=AllowanceResponse,
+    status_code=201,
+    responses={
+        200: {"model": AllowanceResponse, "description": "A retry with the same Idempotency-Key: the first answer"},
+        **_errors(409, 413, 415),
+    },
+)
 async def create_allowance(
     body: AllowanceRequest, request: Request, caller: ServiceCaller, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:

@@ -153,23 +153,32 @@ class Database:
         postmaster when it reaps it (of whichever database): pgbench's backends are gone when it returns,
         while the servers' pooled connections stay open through a workload.
         """
-        total = 0.0
+        return sum(self.cpu_breakdown(exited).values())
+
+    def cpu_breakdown(self, exited: bool = False) -> dict[str, float]:
+        """`cpu_seconds` split three ways: this database's client backends; its autovacuum workers; and the
+        processes every database shares (postmaster, checkpointer, walwriter, ...), which also work for
+        other people's databases on a shared server and for whatever the previous workload left to flush."""
+        parts = {"backends": 0.0, "autovacuum": 0.0, "shared": 0.0}
         if exited:
             reaped = self.postmaster.cpu_times()
-            total += reaped.children_user + reaped.children_system
+            parts["backends"] += reaped.children_user + reaped.children_system
         for process in [self.postmaster, *self.postmaster.children()]:
             try:
+                part = "shared"
                 if process is not self.postmaster:
                     title = " ".join(process.cmdline()).strip()
                     # "postgres: checkpointer", or "postgres: 15/main: checkpointer" for a Debian cluster
                     shared = any(title.endswith(f": {name}") for name in self._SHARED)
                     if not shared and f" {self.name} " not in f"{title} ":
                         continue
+                    if not shared:
+                        part = "autovacuum" if "autovacuum worker" in title else "backends"
                 times = process.cpu_times()
-                total += times.user + times.system
+                parts[part] += times.user + times.system
             except psutil.Error:
                 continue
-        return total
+        return parts
 
     def close(self, keep: bool) -> None:
         if self.admin_url and not keep:
@@ -484,21 +493,55 @@ def pgbench(db: Database, workload: str, args: argparse.Namespace) -> dict[str, 
     }
 
 
-def drive(db: Database, port: int, workloads: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """Every selected workload against one running server, each measured, PostgreSQL's CPU sampled around it,
-    and each write reconciled with the ledger."""
+def server_cpu_seconds(server: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU of a server and its worker processes (alive ones: workers live through a run)."""
+    if server is None:
+        return 0.0
+    total = 0.0
+    try:
+        processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def drive(
+    db: Database,
+    port: int,
+    workloads: list[str],
+    args: argparse.Namespace,
+    label: str,
+    server: subprocess.Popen[bytes] | None = None,
+) -> dict[str, Any]:
+    """Every selected workload against one running server, each measured, PostgreSQL's and the server's CPU
+    sampled around it, and each write reconciled with the ledger."""
     figures: dict[str, Any] = {}
     for workload in workloads:
         holds_file = None
         if workload == "capture":
             holds_file = Path(tempfile.mkstemp(prefix="bench-holds-", suffix=".txt")[1])
             holds_file.write_text("\n".join(create_holds(db.url, args, f"bench hold {label}")) + "\n")
-        before = db.cpu_seconds()
+        before, server_before = db.cpu_breakdown(), server_cpu_seconds(server)
         result = wrk(workload, port, args, holds_file)
-        cpu = db.cpu_seconds() - before
+        after, server_cpu = db.cpu_breakdown(), server_cpu_seconds(server) - server_before
+        parts = {part: after[part] - before[part] for part in before}
+        cpu = sum(parts.values())
         if holds_file is not None:
             holds_file.unlink()
         result["pg_cpu_us_per_op"] = round(cpu / result["acked"] * 1e6, 1) if result["acked"] else None
+        # The Python side's cost per request: less noisy than req/s on a shared machine (same-run ratios only).
+        result["server_cpu_us_per_op"] = round(server_cpu / result["acked"] * 1e6, 1) if result["acked"] else None
+        # Only the client backends are this server's own doing; the rest is shared or deferred work.
+        result["pg_cpu_us_per_op_parts"] = {
+            part: round(seconds / result["acked"] * 1e6, 1) if result["acked"] else None
+            for part, seconds in parts.items()
+        }
         if workload in WRITES:
             # wrk stops counting at its deadline while up to one request per connection is in flight; those
             # commit. So: the acknowledged requests, plus at most one per connection.
@@ -508,7 +551,11 @@ def drive(db: Database, port: int, workloads: list[str], args: argparse.Namespac
         figures[workload] = result
         print(
             f"  {label:<10} {workload:<14} {result['rps']:>9} req/s  p99 {result['p99_ms']} ms"
-            f"  non-2xx {result['non_2xx']}",
+            f"  non-2xx {result['non_2xx']}  server CPU µs/op {result['server_cpu_us_per_op']}"
+            f"  PG CPU µs/op {result['pg_cpu_us_per_op']}"
+            f" (backends {result['pg_cpu_us_per_op_parts']['backends']},"
+            f" autovacuum {result['pg_cpu_us_per_op_parts']['autovacuum']},"
+            f" shared {result['pg_cpu_us_per_op_parts']['shared']})",
             flush=True,
         )
     return figures
@@ -580,7 +627,7 @@ def run_server(
 ) -> dict[str, Any]:
     process = start()
     try:
-        figures = drive(db, port, workloads, args, label)
+        figures = drive(db, port, workloads, args, label, process)
         if with_history:
             figures["history_1m"] = history(port, process)
     finally:

@@ -287,9 +287,12 @@ def log_file(name: str) -> Any:
     return (LOGS / f"{name}.log").open("ab")
 
 
-def start_service(url: str, workers: int, port: int) -> subprocess.Popen[bytes]:
+def start_service(
+    url: str, workers: int, port: int, overrides: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     # The service's default config (access log, metrics, auth); BILLING_BATCH_CHARGES and friends pass through.
     env = {**os.environ, "DATABASE_URL": url, "BILLING_SERVICE_TOKENS": TOKEN, "BILLING_LOG_FORMAT": "json"}
+    env.update(overrides or {})
     with log_file("service") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "billing_service", "serve", "--port", str(port), "--workers", str(workers)],
@@ -655,6 +658,13 @@ def main() -> None:
     )
     parser.add_argument("--reference-driver", choices=("psycopg", "asyncpg"), default="psycopg")
     parser.add_argument(
+        "--service-variant",
+        action="append",
+        default=[],
+        metavar="NAME:ENV=VALUE[,ENV=VALUE]",
+        help="after the service, run it again with these environment overrides (repeatable): an A/B in one run",
+    )
+    parser.add_argument(
         "--compare-reference",
         action="store_true",
         help="also run the reference app on granian and uvicorn, with psycopg and asyncpg, and compare",
@@ -714,6 +724,18 @@ def bench(db: Database, workloads: list[str], args: argparse.Namespace) -> dict[
             "service",
             with_history=not args.skip_history,
         )
+        for variant in args.service_variant:
+            name, _, assignments = variant.partition(":")
+            overrides = dict(item.split("=", 1) for item in assignments.split(",") if item)
+            print(f"service variant {name} {overrides} with {workers} worker(s) ...", flush=True)
+            run.setdefault("service_variants", {})[name] = run_server(
+                db,
+                lambda: start_service(db.url, workers, port, overrides),  # noqa: B023
+                port,
+                workloads,
+                args,
+                name,
+            )
         if not args.skip_reference:
             server, driver = args.reference_server, args.reference_driver
             print(f"reference app ({server}, {driver}) with {workers} worker(s) ...", flush=True)

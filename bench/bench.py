@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -261,6 +262,13 @@ def audit(url: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # The servers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def wait_ready(process: subprocess.Popen[bytes], port: int, what: str) -> None:
@@ -712,7 +720,9 @@ def bench(db: Database, workloads: list[str], args: argparse.Namespace) -> dict[
         results["pgbench"]["audit_clean"] = audit(db.url)
 
     for workers in [int(w) for w in args.workers.split(",")]:
-        port = 18000 + workers
+        # A port the OS says is free now, not a fixed one: with a fixed port, a second bench running on the
+        # machine (another engineer's) made this one's wrk measure the other's server without noticing.
+        port = free_port()
         run: dict[str, Any] = {"workers": workers}
         print(f"service with {workers} worker(s) ...", flush=True)
         run["service"] = run_server(

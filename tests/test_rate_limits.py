@@ -162,3 +162,42 @@ def test_the_sdk_retries_through_429s(limited):
     assert seen.count(429) >= 1 and seen.count(200) == 15
     with psycopg.connect(limited.database_url) as conn:
         assert ledger_state(conn, user) == (985, 985, 16)  # retries never posted twice
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The exchange's cost: quiet keys ride along every QUIET_EVERY syncs, idle keys are dropped (no database).
+
+
+def test_a_quiet_key_is_exchanged_every_few_syncs_and_a_busy_one_every_sync() -> None:
+    from billing_service.edge.limits import QUIET, KeyedBuckets
+
+    buckets = KeyedBuckets(rate=1000, burst=2000)
+    now = 100.0
+    for _ in range(int(QUIET * 1000 * 0.2) + 5):  # over QUIET of the rate within one 0.2 s period
+        buckets.take("busy", now, 0.5)
+    buckets.take("quiet", now, 0.5)
+    buckets.settle(0.2, now)
+    assert buckets.busy(buckets.buckets["busy"])
+    assert not buckets.busy(buckets.buckets["quiet"])
+
+    # A sync that exchanged only the busy key reshares only it; the quiet key keeps its share.
+    buckets.buckets["quiet"].share = 0.4
+    buckets.reshare({"busy": 10_000.0, "quiet": 10_000.0}, live_workers=2, keys={"busy"})
+    assert buckets.buckets["quiet"].share == 0.4
+    assert buckets.buckets["busy"].share < 0.1
+    # Busy elsewhere (as last read) makes it busy here too.
+    buckets.reshare({"quiet": 10_000.0}, live_workers=2)
+    assert buckets.busy(buckets.buckets["quiet"])
+
+
+def test_an_idle_key_is_dropped_once_its_bucket_would_have_refilled() -> None:
+    from billing_service.edge.limits import KeyedBuckets
+
+    buckets = KeyedBuckets(rate=1000, burst=2000)  # an empty bucket refills in 2 s
+    buckets.take("k", 100.0, 0.5)
+    for step in range(1, 10):  # demand decays below 0.01 within the first 2 s
+        buckets.settle(0.2, 100.0 + 0.2 * step)
+    assert "k" in buckets.buckets
+    for step in range(10, 12):
+        buckets.settle(0.2, 100.0 + 0.2 * step)
+    assert "k" not in buckets.buckets

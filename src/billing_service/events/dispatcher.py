@@ -1,8 +1,9 @@
 """The webhook dispatcher: outbox -> deliveries -> signed HTTP POSTs, with retries; and the hold sweeper.
 
 One dispatcher leads at a time, cluster-wide: it holds a session-level advisory lock on a dedicated
-connection (every `billing serve` worker and every `billing dispatch` process tries; the others wait and
-retry). Losing that connection loses the lock, and the loop starts over.
+connection (every `billing serve` worker and every `billing dispatch` process tries; the others keep their
+connection and try again every LOCK_RETRY seconds: one trivial statement, not a new backend each time).
+Losing that connection loses the lock, and the loop starts over.
 
 Each turn of the loop:
 1. FANOUT: move along the commit-safe feed (events/sql.py) and create a delivery per (event, subscribed
@@ -127,11 +128,7 @@ class Dispatcher:
                 continue
             try:
                 async with conn:
-                    cursor = await conn.execute(sql.DISPATCHER_LOCK)
-                    locked = await cursor.fetchone()
-                    if not locked or not locked[0]:
-                        await asyncio.sleep(LOCK_RETRY)
-                        continue
+                    await self._wait_for_lock(conn)
                     backoff = 0.5
                     await conn.execute(sql.LISTEN)
                     self.leading = True
@@ -144,6 +141,16 @@ class Dispatcher:
             finally:
                 self.leading = False
                 await self._abandon_in_flight()
+
+    async def _wait_for_lock(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Return once this connection holds the leader's lock. A follower keeps its connection between tries:
+        reconnecting every time cost PostgreSQL a backend start and exit per follower every LOCK_RETRY seconds."""
+        while True:
+            cursor = await conn.execute(sql.DISPATCHER_LOCK)
+            locked = await cursor.fetchone()
+            if locked and locked[0]:
+                return
+            await asyncio.sleep(LOCK_RETRY)
 
     async def _abandon_in_flight(self) -> None:
         # Their results can no longer be recorded under our lock; they stay pending and are sent again.

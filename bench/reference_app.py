@@ -294,12 +294,12 @@ async def charge(body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, bool]
     }
     assert driver is not None
     try:
-        outcome, transaction_id, balance, stored_hash, _ = await driver.one(ledger_sql.CHARGE, params)
+        outcome, transaction_id, balance, stored_hash, *_ = await driver.one(ledger_sql.CHARGE, params)
     except UniqueKeyRace:
         row = await driver.one(ledger_sql.IDEMPOTENT_REPLAY, params)
         if row is None:
             raise Refused(409, "A request with this Idempotency-Key is in flight.", "idempotency_conflict") from None
-        outcome, (transaction_id, balance, stored_hash) = "replayed", row
+        outcome, (transaction_id, balance, stored_hash, *_) = "replayed", row
     if outcome == "account_not_found":
         raise Refused(402, "Account not found.", "account_not_found")
     if outcome == "insufficient_balance":

@@ -83,6 +83,10 @@ class _Account:
     slots: list[dict[str, Any]]  # accounts.grants: the grant slots in draw order
     changed: bool = False
     grants_due: bool = False
+    loaded_slots: int = 0  # how many slots the locked row had: the plan drops a prefix of them
+
+    def __post_init__(self) -> None:
+        self.loaded_slots = len(self.slots)
 
 
 @dataclass
@@ -354,7 +358,8 @@ def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_
         "account_armed": [account.low_balance_armed for _, account in changed],
         "account_low_event_seqs": [account.low_balance_event_seq for _, account in changed],
         "account_depleted": [account.depleted_notified for _, account in changed],
-        "account_grants": [json.dumps(account.slots) for _, account in changed],
+        "account_dropped": [account.loaded_slots - len(account.slots) for _, account in changed],
+        "account_first_remaining": [account.slots[0]["remaining"] if account.slots else None for _, account in changed],
         "user_ids": [item.user_id for item in planned],
         "seqs": [item.seq for item in planned],
         "amounts": [item.amount for item in planned],

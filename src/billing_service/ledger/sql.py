@@ -469,12 +469,21 @@ updated AS (
         low_balance_armed = s.armed, low_balance_event_seq = s.low_event_seq, depleted_notified = s.depleted,
         last_event_txid = CASE WHEN %(events)s THEN greatest(a.last_event_txid, pg_current_xact_id())
                                ELSE a.last_event_txid END,
-        grants = billing_slots(s.grants::jsonb), next_expiry = billing_next_expiry(billing_slots(s.grants::jsonb)),
+        -- Draws empty slots strictly in order: the plan dropped the first `dropped` slots and left the next one
+        -- holding `first_remaining`. The row is locked by BATCH_LOCK_ACCOUNTS, so a.grants is what was planned on.
+        grants = CASE WHEN s.dropped >= cardinality(a.grants) THEN '{{}}'::billing_grant_slot[]
+                      ELSE array_prepend(
+                          ROW((a.grants[s.dropped + 1]).grant_id, s.first_remaining, (a.grants[s.dropped + 1]).priority,
+                              (a.grants[s.dropped + 1]).expires_at, (a.grants[s.dropped + 1]).created_at
+                          )::billing_grant_slot,
+                          a.grants[s.dropped + 2:]) END,
+        next_expiry = CASE WHEN s.dropped > 0 THEN billing_next_expiry(a.grants[s.dropped + 1:]) ELSE a.next_expiry END,
         updated_at = %(planned_at)s
     FROM unnest(%(account_ids)s::uuid[], %(account_balances)s::bigint[], %(account_last_seqs)s::bigint[],
                 %(account_last_event_seqs)s::bigint[], %(account_armed)s::boolean[],
-                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[], %(account_grants)s::text[])
-         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted, grants)
+                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[],
+                %(account_dropped)s::int[], %(account_first_remaining)s::bigint[])
+         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted, dropped, first_remaining)
     WHERE a.user_id = s.user_id
 )
 SELECT user_id, seq, id FROM inserted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -184,3 +186,33 @@ def test_a_retried_credit_replays_even_after_its_grant_expired(client, db, user_
     assert fresh.status_code == 422 and fresh.json()["code"] == "expires_at_in_past"
     assert client.get(f"/billing/balance/{user_id}").json()["balance"] == 0
     assert ledger_state(db, user_id)[2] == 1
+
+
+def test_billing_audit_catches_a_corrupted_grant(server, client, db, user_id):
+    paid = grant(client, user_id, 60)
+    assert charge(client, user_id, 15).status_code == 200
+    assert grant_problems(db, user_id) == []
+
+    def audit() -> subprocess.CompletedProcess[str]:
+        env = {**server.env, "DATABASE_URL": server.database_url}
+        return subprocess.run(
+            [sys.executable, "-m", "billing_service", "audit"], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    # Seven tokens appear in the grant's slot from nowhere: the balance and the ledger still agree.
+    saved = db.execute("SELECT grants::text FROM accounts WHERE user_id = %s", (user_id,)).fetchone()[0]
+    db.execute(
+        "UPDATE accounts SET grants = (billing_return(grants, user_id, %s::jsonb)).new_slots WHERE user_id = %s",
+        (f'[{{"grant_id": "{paid}", "amount": 7}}]', user_id),
+    )
+    try:
+        drift = audit()
+        assert drift.returncode == 1, drift.stdout + drift.stderr
+        assert f"GRANT DRIFT {user_id}: grants hold 52 but balance - held is 45" in drift.stdout
+        assert f"GRANT DRIFT {user_id} grant {paid}: remaining 52 + reserved 0 but its ledger rows moved 45" in (
+            drift.stdout
+        )
+        assert f"DRIFT {user_id}:" not in drift.stdout.replace("GRANT DRIFT", "")  # the ledger itself is fine
+    finally:
+        db.execute("UPDATE accounts SET grants = %s::billing_grant_slot[] WHERE user_id = %s", (saved, user_id))
+    assert grant_problems(db, user_id) == []

@@ -12,11 +12,12 @@ makes a capture racing a release, an expiry, or a sibling's carve come out exact
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec
 from uuid import UUID
 
 import psycopg
@@ -44,6 +45,7 @@ from billing_service.idempotency import request_hash
 from billing_service.ledger.sql import DRAW_RACED_EXPIRY
 
 MAX_DEPTH = 8
+P = ParamSpec("P")
 
 
 @dataclass
@@ -303,6 +305,25 @@ async def carve_child(
         raise IdempotencyKeyReused() from exc
 
 
+def _decided_again_on_a_draw_race(
+    operation: Callable[P, Awaitable[Capture]],
+) -> Callable[P, Awaitable[Capture]]:
+    """An overrun drew a grant that expired in the microseconds since its guard (BG001): the whole transaction
+    rolled back, so deciding once more is safe."""
+
+    @functools.wraps(operation)
+    async def decided(*args: P.args, **kwargs: P.kwargs) -> Capture:
+        try:
+            return await operation(*args, **kwargs)
+        except psycopg.Error as exc:
+            if exc.sqlstate != DRAW_RACED_EXPIRY:
+                raise
+        return await operation(*args, **kwargs)
+
+    return decided
+
+
+@_decided_again_on_a_draw_race
 async def capture(
     pool: AsyncConnectionPool,
     *,
@@ -317,41 +338,6 @@ async def capture(
     request_id: str | None = None,
 ) -> Capture:
     """Post a capture of `amount` against the hold: a ledger debit, never more than the hold allows."""
-    for attempt in (1, 2):
-        try:
-            return await _capture(
-                pool,
-                hold_id=hold_id,
-                amount=amount,
-                description=description,
-                metadata=metadata,
-                final=final,
-                allow_overrun=allow_overrun,
-                idempotency_key=idempotency_key,
-                posted_by=posted_by,
-                request_id=request_id,
-            )
-        except psycopg.Error as exc:
-            # An overrun drew a grant that expired in the microseconds since its guard: the whole transaction
-            # rolled back, so deciding again is safe.
-            if exc.sqlstate != DRAW_RACED_EXPIRY or attempt == 2:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _capture(
-    pool: AsyncConnectionPool,
-    *,
-    hold_id: UUID,
-    amount: int,
-    description: str | None,
-    metadata: dict[str, Any] | None,
-    final: bool,
-    allow_overrun: bool,
-    idempotency_key: str | None,
-    posted_by: str | None,
-    request_id: str | None,
-) -> Capture:
     digest = request_hash(
         "capture",
         hold_id=hold_id,

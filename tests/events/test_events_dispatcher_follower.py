@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -11,6 +12,7 @@ import pytest
 from billing_service import db
 from billing_service.events import dispatcher, sql
 from billing_service.settings import Settings
+from conftest import Postgres
 
 
 def _lock_waiters(url: str) -> set[int]:
@@ -20,6 +22,15 @@ def _lock_waiters(url: str) -> set[int]:
             [sql.DISPATCHER_LOCK],
         ).fetchall()
     return {row[0] for row in rows}
+
+
+@pytest.fixture
+def database_url(postgres: Postgres) -> Iterator[str]:
+    """A database of its own: the suite's shared one has `billing serve` dispatchers of other tests trying the
+    same lock, and they would lead, or be counted as this follower's tries."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
 
 
 def test_a_follower_keeps_one_connection_and_leads_once_the_leader_lets_go(

@@ -112,11 +112,6 @@ async def void_grant(
     return Voided(grant, transaction_id, voided, replayed=outcome == "replayed")
 
 
-async def get_grant(pool: AsyncConnectionPool, *, grant_id: UUID) -> Grant:
-    async with pool.connection() as conn:
-        return await _read_grant(conn, grant_id)
-
-
 async def _read_grant(conn: psycopg.AsyncConnection[Any], grant_id: UUID) -> Grant:
     cursor = await conn.execute(sql.GRANT, {"grant_id": grant_id})
     row = await cursor.fetchone()

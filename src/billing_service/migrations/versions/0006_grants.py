@@ -148,11 +148,6 @@ def upgrade() -> None:
         next_expiry := billing_next_expiry(new_slots);
     END $$;
 
-    CREATE FUNCTION billing_slots(slots jsonb) RETURNS billing_grant_slot[] LANGUAGE sql IMMUTABLE AS $$
-        SELECT coalesce(array_agg(jsonb_populate_record(NULL::billing_grant_slot, e.value) ORDER BY e.n), '{}')
-        FROM jsonb_array_elements(slots) WITH ORDINALITY AS e(value, n)
-    $$;
-
     ALTER TABLE accounts
         ADD COLUMN grants billing_grant_slot[] NOT NULL DEFAULT '{}',
         ADD COLUMN next_expiry timestamptz,
@@ -236,7 +231,6 @@ def downgrade() -> None:
     DROP TABLE hold_funding;
     DROP TABLE grants;
     ALTER TABLE accounts DROP COLUMN last_draw, DROP COLUMN next_expiry, DROP COLUMN grants;
-    DROP FUNCTION billing_slots(jsonb);
     DROP FUNCTION billing_return(billing_grant_slot[], uuid, jsonb);
     DROP FUNCTION billing_draw(billing_grant_slot[], bigint);
     DROP FUNCTION billing_slots_add(billing_grant_slot[], billing_grant_slot[]);

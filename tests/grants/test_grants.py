@@ -216,3 +216,25 @@ def test_billing_audit_catches_a_corrupted_grant(server, client, db, user_id):
     finally:
         db.execute("UPDATE accounts SET grants = %s::billing_grant_slot[] WHERE user_id = %s", (saved, user_id))
     assert grant_problems(db, user_id) == []
+
+
+def test_every_write_after_an_expiry_comes_after_its_expiry_row(client, db, user_id):
+    grant(client, user_id, 100)
+    moment = at(1.0)
+    grant(client, user_id, 30, priority=10, expires_at=moment)
+    debit = charge(client, user_id, 10).json()["transaction_id"]
+    wait_until(moment)
+    # A credit and a refund, no debit: neither may post a balance_after that still counts the expired 20.
+    assert (
+        client.post(
+            "/billing/credit-tokens", json={"user_id": str(user_id), "amount": 5, "description": "top-up"}
+        ).json()["balance"]
+        == 105
+    )
+    refund = client.post(
+        f"/billing/transactions/{debit}/refund", json={"user_id": str(user_id), "amount": 10, "description": "back"}
+    )
+    assert refund.status_code == 200 and refund.json()["balance"] == 115
+    rows = [(row["type"], row["amount"], row["balance_after"]) for row in history(client, user_id)]
+    assert rows[-3:] == [("expiry", -20, 100), ("credit", 5, 105), ("refund", 10, 115)]
+    assert grant_problems(db, user_id) == []

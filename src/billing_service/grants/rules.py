@@ -95,8 +95,9 @@ async def void_grant(
     async with pool.connection() as conn:
         async with conn.transaction():
             cursor = await conn.execute(sql.LOCK_GRANT_ACCOUNT, {"grant_id": grant_id})
-            if await cursor.fetchone() is None:
+            if (locked := await cursor.fetchone()) is None:
                 raise NotFound("No such grant.", code="grant_not_found")
+            await sweep_locked(conn, user_id=locked[0])  # a due grant's expiry row goes first
             cursor = await conn.execute(
                 sql.VOID_GRANT,
                 {

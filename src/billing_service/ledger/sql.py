@@ -118,6 +118,8 @@ credited AS (
         next_expiry = least(a.next_expiry, excluded.next_expiry),
         depleted_notified = false,
         {raising_set("a.balance + excluded.balance - a.held", prefix="a.")}
+    -- Like a debit, a credit waits for a due grant's expiry row, so its balance_after is exact too.
+    WHERE coalesce(a.next_expiry > clock_timestamp(), true)
     RETURNING user_id, balance, last_seq, last_event_seq, last_event_txid
 ),
 granted AS (
@@ -139,8 +141,10 @@ outbox AS (
     FROM credited c CROSS JOIN inserted i
     WHERE %(events)s
 )
-SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed' WHEN i.id IS NOT NULL THEN 'applied' ELSE 'already_expired' END
-           AS outcome,
+SELECT CASE WHEN e.id IS NOT NULL THEN 'replayed'
+            WHEN i.id IS NOT NULL THEN 'applied'
+            WHEN %(expires_at)s::timestamptz <= statement_timestamp() THEN 'already_expired'
+            ELSE 'grants_due' END AS outcome,
        coalesce(e.id, i.id) AS transaction_id,
        coalesce(e.balance_after, i.balance_after) AS balance,
        e.request_hash,

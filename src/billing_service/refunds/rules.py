@@ -26,6 +26,7 @@ from billing_service.errors import (
     TransactionNotFound,
 )
 from billing_service.events import config as events
+from billing_service.grants.rules import sweep_locked
 from billing_service.grants.sql import LOCK_ACCOUNT
 from billing_service.idempotency import request_hash
 from billing_service.refunds import sql
@@ -105,6 +106,8 @@ async def refund(
                 cursor = await conn.execute(LOCK_ACCOUNT, {"user_id": user_id})
                 if await cursor.fetchone() is None:
                     raise TransactionNotFound()
+                # Under the lock: a due grant's expiry row goes before the refund, so its balance_after is exact.
+                await sweep_locked(conn, user_id=user_id)
                 if idempotency_key is not None and (earlier := await _earlier(conn, keyed)) is not None:
                     return _replay(earlier, digest)
                 cursor = await conn.execute(sql.REFUND_CONTEXT, {"user_id": user_id, "transaction_id": transaction_id})

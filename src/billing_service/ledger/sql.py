@@ -410,6 +410,9 @@ def filtered_history(base: LiteralString, filters: Iterable[str]) -> LiteralStri
 # ---------------------------------------------------------------------------------------------------------
 # Batched charges (batcher.py): one transaction for many charges, decided in Python under the row locks.
 
+# The batch statements take their arrays in binary (%b): text arrays cost the batcher more to quote than the
+# statements cost PostgreSQL to run (py-spy, docs/performance.md).
+
 # Sorted, so every batch takes its locks in the same order and two batches can never deadlock.
 BATCH_LOCK_ACCOUNTS: LiteralString = """
 SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed,
@@ -426,7 +429,7 @@ BATCH_PLANNED_AT: LiteralString = "SELECT clock_timestamp()"
 # A separate statement after the locks, so its snapshot sees keys committed by whoever held them before us.
 BATCH_EXISTING_KEYS: LiteralString = """
 SELECT t.user_id, t.idempotency_key, t.id, t.balance_after, t.request_hash
-FROM unnest(%(user_ids)s::uuid[], %(idempotency_keys)s::text[]) AS k(user_id, idempotency_key)
+FROM unnest(%(user_ids)b::uuid[], %(idempotency_keys)b::text[]) AS k(user_id, idempotency_key)
 JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key
 """
 
@@ -437,10 +440,10 @@ JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempoten
 BATCH_APPLY: LiteralString = f"""
 WITH planned AS (
     SELECT *
-    FROM unnest(%(user_ids)s::uuid[], %(seqs)s::bigint[], %(amounts)s::bigint[], %(balances_after)s::bigint[],
-                %(descriptions)s::text[], %(metadata)s::text[], %(idempotency_keys)s::text[],
-                %(request_hashes)s::bytea[], %(event_seqs)s::bigint[], %(posted_by)s::text[],
-                %(request_ids)s::text[], %(fundings)s::text[])
+    FROM unnest(%(user_ids)b::uuid[], %(seqs)b::bigint[], %(amounts)b::bigint[], %(balances_after)b::bigint[],
+                %(descriptions)b::text[], %(metadata)b::text[], %(idempotency_keys)b::text[],
+                %(request_hashes)b::bytea[], %(event_seqs)b::bigint[], %(posted_by)b::text[],
+                %(request_ids)b::text[], %(fundings)b::text[])
          AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
               posted_by, request_id, funding)
 ),
@@ -463,8 +466,8 @@ outbox AS (
     WHERE %(events)s
     UNION ALL
     SELECT e.user_id, e.seq, e.type, e.data::json, greatest(a.last_event_txid, pg_current_xact_id())
-    FROM unnest(%(event_user_ids)s::uuid[], %(event_seqs_other)s::bigint[], %(event_types)s::text[],
-                %(event_data)s::text[]) AS e(user_id, seq, type, data)
+    FROM unnest(%(event_user_ids)b::uuid[], %(event_seqs_other)b::bigint[], %(event_types)b::text[],
+                %(event_data)b::text[]) AS e(user_id, seq, type, data)
     JOIN accounts a ON a.user_id = e.user_id
 ),
 updated AS (
@@ -483,10 +486,10 @@ updated AS (
                           a.grants[s.dropped + 2:]) END,
         next_expiry = CASE WHEN s.dropped > 0 THEN billing_next_expiry(a.grants[s.dropped + 1:]) ELSE a.next_expiry END,
         updated_at = %(planned_at)s
-    FROM unnest(%(account_ids)s::uuid[], %(account_balances)s::bigint[], %(account_last_seqs)s::bigint[],
-                %(account_last_event_seqs)s::bigint[], %(account_armed)s::boolean[],
-                %(account_low_event_seqs)s::bigint[], %(account_depleted)s::boolean[],
-                %(account_dropped)s::int[], %(account_first_remaining)s::bigint[])
+    FROM unnest(%(account_ids)b::uuid[], %(account_balances)b::bigint[], %(account_last_seqs)b::bigint[],
+                %(account_last_event_seqs)b::bigint[], %(account_armed)b::boolean[],
+                %(account_low_event_seqs)b::bigint[], %(account_depleted)b::boolean[],
+                %(account_dropped)b::int[], %(account_first_remaining)b::bigint[])
          AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted, dropped, first_remaining)
     WHERE a.user_id = s.user_id
 )

@@ -88,15 +88,10 @@ async def seed(pool: AsyncConnectionPool, *, user_id: UUID, now: datetime | None
                 stamps.append((posted.transaction_id, moment))
                 moment += timedelta(seconds=rng.randint(5, 90))
     await ledger.backdate_demo_rows(pool, user_id=user_id, stamps=stamps)
-    # A promotional grant that expires in 10 days: spent before the paid tokens, and shown as expiring.
-    await ledger.credit(
-        pool,
-        user_id=user_id,
-        amount=150_000,
-        description="Launch week bonus",
-        terms=ledger.GrantTerms(priority=10, category="promotional", expires_at=datetime.now(UTC) + timedelta(days=10)),
-    )
-
+    # A promotional grant that expires in 10 days: today's runs draw (reserve) it before the paid tokens, and
+    # what they leave of it shows as expiring.
+    bonus = ledger.GrantTerms(priority=10, category="promotional", expires_at=datetime.now(UTC) + timedelta(days=10))
+    await ledger.credit(pool, user_id=user_id, amount=400_000, description="Launch week bonus", terms=bonus)
     # Today: an orchestrator's budget with sub-agents (open), and a finished run (captured, closed).
     root, _ = await holds.create_hold(
         pool, user_id=user_id, amount=240_000, description="Orchestrator: nightly report", ttl_seconds=3600

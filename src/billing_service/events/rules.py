@@ -14,7 +14,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -22,18 +22,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from billing_service.errors import InvalidRequest, NotFound
 from billing_service.events import config, sql
+from billing_service.events.schemas import EventType
 
-EVENT_TYPES = (
-    "transaction.posted",
-    "balance.low",
-    "balance.depleted",
-    "hold.created",
-    "hold.captured",
-    "hold.released",
-    "hold.expired",
-    "grant.expired",
-    "refund.posted",
-)
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)  # the catalogue, written once in schemas.py
 _ZERO_UUID = UUID(int=0)
 _MAX_UUID = UUID(int=2**128 - 1)
 

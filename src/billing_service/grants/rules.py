@@ -50,13 +50,20 @@ async def sweep_expired_grants(pool: AsyncConnectionPool, *, user_id: UUID) -> i
         if not (await cursor.fetchone() or (False,))[0]:
             return 0
         async with conn.transaction():
+            await lock_account(conn, user_id=user_id)
             return await sweep_locked(conn, user_id=user_id)
 
 
+async def lock_account(conn: psycopg.AsyncConnection[Any], *, user_id: UUID) -> bool:
+    """Take the account row lock in the caller's transaction (which may already hold a hold tree's root: trees
+    lock before accounts), so its next statements see the account's grants as nobody else can change them.
+    False if there is no such account."""
+    cursor = await conn.execute(sql.LOCK_ACCOUNT, {"user_id": user_id})
+    return await cursor.fetchone() is not None
+
+
 async def sweep_locked(conn: psycopg.AsyncConnection[Any], *, user_id: UUID) -> int:
-    """In the caller's transaction (which may already hold a hold tree's root: trees lock before accounts):
-    lock the account row, then write off its expired grants."""
-    await conn.execute(sql.LOCK_ACCOUNT, {"user_id": user_id})
+    """The caller's transaction holds the account row (lock_account): write off its expired grants."""
     cursor = await conn.execute(sql.SWEEP_GRANTS, {"user_id": user_id, "events": events.enabled})
     row = await cursor.fetchone()
     return int(row[0]) if row else 0

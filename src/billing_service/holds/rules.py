@@ -39,7 +39,7 @@ from billing_service.errors import (
 )
 from billing_service.events import config as events
 from billing_service.events.rules import notify_depleted
-from billing_service.grants.rules import sweep_expired_grants, sweep_locked
+from billing_service.grants.rules import lock_account, sweep_expired_grants, sweep_locked
 from billing_service.holds import sql
 from billing_service.idempotency import request_hash
 from billing_service.ledger.sql import DRAW_RACED_EXPIRY
@@ -371,6 +371,7 @@ async def capture(
             if outcome == "grants_due":
                 # A grant of the account expired: its expiry row goes first, so this capture's balance_after
                 # is exact. Still under the tree lock (trees lock before accounts).
+                await lock_account(tree.conn, user_id=tree.user_id)
                 await sweep_locked(tree.conn, user_id=tree.user_id)
                 cursor = await tree.conn.execute(sql.HOLD_CAPTURE, params)
                 outcome, transaction_id, balance, stored_hash, remaining = await _one(cursor)

@@ -26,8 +26,7 @@ from billing_service.errors import (
     TransactionNotFound,
 )
 from billing_service.events import config as events
-from billing_service.grants.rules import sweep_locked
-from billing_service.grants.sql import LOCK_ACCOUNT
+from billing_service.grants.rules import lock_account, sweep_locked
 from billing_service.idempotency import request_hash
 from billing_service.refunds import sql
 
@@ -103,8 +102,7 @@ async def refund(
     async with pool.connection() as conn:
         try:
             async with conn.transaction():
-                cursor = await conn.execute(LOCK_ACCOUNT, {"user_id": user_id})
-                if await cursor.fetchone() is None:
+                if not await lock_account(conn, user_id=user_id):
                     raise TransactionNotFound()
                 # Under the lock: a due grant's expiry row goes before the refund, so its balance_after is exact.
                 await sweep_locked(conn, user_id=user_id)

@@ -1,8 +1,9 @@
 """The side-by-side benchmark: the service, a bare reference app and pgbench, on one machine and database, in one run.
 
-    ./scripts/bench [--workers 1,2,4] [--duration 15] [--connections 32] [--database-url URL]
+    ./scripts/bench [--workers 1,2,4] [--duration 10] [--rounds 2] [--connections 32] [--database-url URL]
                     [--workloads charge_spread,charge_hot,balance,capture,charge_grants] [--skip-history]
                     [--reference-server granian|uvicorn] [--reference-driver psycopg|asyncpg] [--compare-reference]
+                    [--service-variant NAME:ENV=VALUE] [--in-process]
 
 It starts PostgreSQL (embedded, or a fresh database on --database-url, dropped afterwards), migrates, seeds
 1,000 accounts with one grant each, 1,000 with 5 live grants each (charge_grants: a charge draws the first
@@ -11,14 +12,17 @@ with a 1,000,000-row history. Then:
 
 - pgbench runs the service's exact statements (billing_service.ledger.sql / holds.sql, imported, never
   copied) at the same concurrency: PostgreSQL's own limit, with no HTTP and no Python;
-- for each worker count, `billing serve --workers N` (its default config: access log, metrics, auth) and then
+- for each worker count, `billing serve --workers N` (its default config: access log, metrics, auth) and
   bench/reference_app.py (the same statements in a bare ASGI app on granian or uvicorn, same worker count)
   are each driven by wrk (C; Lua scripts in bench/wrk/): charges spread over 1,000 users, charges to one hot
-  user, balance reads, hold captures, charges to accounts with 5 grants;
+  user, balance reads, hold captures, charges to accounts with 5 grants; in --rounds passes, every other one
+  in reverse order (service, reference, reference, service), and each server's rounds averaged;
 - around every workload it samples PostgreSQL's CPU time (its server processes for this database, plus its
   background processes) and reports it per operation; after every write workload it counts the ledger rows
   carrying that workload's Idempotency-Keys against the acknowledged requests; after each server it runs
   `billing audit`.
+
+--in-process replaces the wrk runs by bench/inprocess.py: each app's own CPU per request, driven in-process.
 
 synchronous_commit and fsync are asserted on: every acknowledged charge is on disk. Results go to
 bench/results/latest.json and a table. Numbers from a shared 2-core machine are indicative only.
@@ -293,6 +297,18 @@ def ledger_rows(url: str, nonce: str) -> int:
     return int(row[0]) if row else 0
 
 
+def skip_feed(url: str) -> None:
+    """Move the dispatcher's position to the head of the events feed. pgbench and the reference app run the
+    service's statements, events outbox included, but fan nothing out: without this, the service's dispatcher
+    would spend its run fanning out their tens of thousands of events (about 19 µs of PostgreSQL CPU each)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE dispatcher_state s SET txid = e.txid, user_id = e.user_id, seq = e.seq"
+            " FROM (SELECT txid, user_id, seq FROM events ORDER BY txid DESC, user_id DESC, seq DESC LIMIT 1) e"
+            " WHERE s.id = 1"
+        )
+
+
 def audit(url: str) -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "billing_service", "audit"],
@@ -358,6 +374,7 @@ def start_service(
         "BILLING_LOG_FORMAT": "json",
     }
     env.update(overrides or {})
+    skip_feed(url)  # its dispatcher fans out its own events, not those pgbench and the reference app wrote
     with log_file("service") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "billing_service", "serve", "--port", str(port), "--workers", str(workers)],
@@ -711,7 +728,13 @@ def run_server(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2,4")
-    parser.add_argument("--duration", type=int, default=15, help="seconds per workload")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per workload and round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="passes over the servers, every other one in reverse order (ABBA); figures are combined",
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--database-url", default=None, help="a server to create a fresh database on")
     parser.add_argument("--keep-database", action="store_true", help="do not drop the --database-url database")
@@ -734,6 +757,11 @@ def main() -> None:
         help="after the service, run it again with these environment overrides (repeatable): an A/B in one run",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="instead of wrk: each app's own CPU per request, driven in-process (bench/inprocess.py), in rounds",
+    )
+    parser.add_argument(
         "--compare-reference",
         action="store_true",
         help="also run the reference app on granian and uvicorn, with psycopg and asyncpg, and compare",
@@ -749,6 +777,9 @@ def main() -> None:
     started = time.monotonic()
     db = Database(args)
     try:
+        if args.in_process:
+            in_process(db, args)
+            return
         results = bench(db, workloads, args)
     finally:
         db.close(args.keep_database)
@@ -784,44 +815,107 @@ def bench(db: Database, workloads: list[str], args: argparse.Namespace) -> dict[
         # A port the OS says is free now, not a fixed one: with a fixed port, a second bench running on the
         # machine (another engineer's) made this one's wrk measure the other's server without noticing.
         port = free_port()
-        run: dict[str, Any] = {"workers": workers}
-        print(f"service with {workers} worker(s) ...", flush=True)
-        run["service"] = run_server(
-            db,
-            lambda: start_service(db.url, workers, port),  # noqa: B023 - called before the loop moves on
-            port,
-            workloads,
-            args,
-            "service",
-            with_history=not args.skip_history,
-        )
+        servers: list[tuple[str, Callable[[], subprocess.Popen[bytes]]]] = [
+            ("service", lambda: start_service(db.url, workers, port))  # noqa: B023 - called before the loop moves on
+        ]
         for variant in args.service_variant:
             name, _, assignments = variant.partition(":")
             overrides = dict(item.split("=", 1) for item in assignments.split(",") if item)
-            print(f"service variant {name} {overrides} with {workers} worker(s) ...", flush=True)
-            run.setdefault("service_variants", {})[name] = run_server(
-                db,
-                lambda: start_service(db.url, workers, port, overrides),  # noqa: B023
-                port,
-                workloads,
-                args,
-                name,
-            )
+            servers.append((name, lambda o=overrides: start_service(db.url, workers, port, o)))  # noqa: B023
         if not args.skip_reference:
             server, driver = args.reference_server, args.reference_driver
-            print(f"reference app ({server}, {driver}) with {workers} worker(s) ...", flush=True)
-            run["reference"] = run_server(
-                db,
-                lambda: start_reference(db.url, workers, port, server, driver),  # noqa: B023
-                port,
-                workloads,
-                args,
-                "reference",
-            )
+            servers.append(("reference", lambda: start_reference(db.url, workers, port, server, driver)))  # noqa: B023
+        # Rounds in ABBA order: the servers run in turn, and every other round in reverse, so a trend in the
+        # machine or the database (load from elsewhere, tables growing, autovacuum after the writes) falls on
+        # every server alike instead of on whichever runs last. Each server's figures are then combined.
+        passes: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
+        for round_number in range(args.rounds):
+            order = servers if round_number % 2 == 0 else servers[::-1]
+            for name, start in order:
+                print(f"round {round_number + 1}/{args.rounds}: {name} with {workers} worker(s) ...", flush=True)
+                with_history = name == "service" and not passes["service"] and not args.skip_history
+                passes[name].append(run_server(db, start, port, workloads, args, name, with_history=with_history))
+        run: dict[str, Any] = {"workers": workers, "rounds": passes}
+        for name, figures in passes.items():
+            combined = combine(figures, workloads)
+            if name in ("service", "reference"):
+                run[name] = combined
+            else:
+                run.setdefault("service_variants", {})[name] = combined
         if args.compare_reference:
             run["reference_variants"] = compare_reference(db, workers, port, workloads, args)
         results["runs"].append(run)
     return results
+
+
+def combine(passes: list[dict[str, Any]], workloads: list[str]) -> dict[str, Any]:
+    """One server's rounds as one figure per workload: throughput and CPU per op averaged over the rounds,
+    the worst p50 and p99, every non-2xx counted, and the ledger and audit checks held in every round."""
+    combined: dict[str, Any] = {"audit_clean": all(figures["audit_clean"] for figures in passes)}
+    if "history_1m" in passes[0]:
+        combined["history_1m"] = passes[0]["history_1m"]
+    for workload in workloads:
+        rounds = [figures[workload] for figures in passes]
+
+        def mean(key: str, rounds: list[dict[str, Any]] = rounds) -> float | None:
+            values = [r[key] for r in rounds if r.get(key) is not None]
+            return round(sum(values) / len(values), 1) if values else None
+
+        figure: dict[str, Any] = {
+            "rps": mean("rps"),
+            "acked_rps": mean("acked_rps"),
+            "rps_by_round": [r["acked_rps"] for r in rounds],
+            "p50_ms": max(r["p50_ms"] for r in rounds),
+            "p99_ms": max(r["p99_ms"] for r in rounds),
+            "p99_ms_by_round": [r["p99_ms"] for r in rounds],
+            "non_2xx": sum(r["non_2xx"] for r in rounds),
+            "acked": sum(r["acked"] for r in rounds),
+            "pg_cpu_us_per_op": mean("pg_cpu_us_per_op"),
+            "server_cpu_us_per_op": mean("server_cpu_us_per_op"),
+        }
+        if workload in WRITES:
+            figure["ledger_rows"] = sum(r["ledger_rows"] for r in rounds)
+            figure["ledger_matches_acks"] = all(r["ledger_matches_acks"] for r in rounds)
+        combined[workload] = figure
+    return combined
+
+
+IN_PROCESS_CASES = (
+    ("balance", False, 16_000),
+    ("balance", True, 64_000),  # the database call stubbed: what each app costs besides its driver
+    ("charge", False, 8_000),
+)
+
+
+def in_process(db: Database, args: argparse.Namespace) -> None:
+    """The Python layer alone (bench/inprocess.py), each app in a fresh interpreter, in ABBA rounds: CPU µs per
+    request of the service and the reference app, side by side."""
+    print(f"PostgreSQL {db.version} ({db.kind}); seeding ...", flush=True)
+    seed(db.url, args)
+    env = {**os.environ, "DATABASE_URL": db.url, "INPROCESS_LOG": str(LOGS / "inprocess.log")}
+    LOGS.mkdir(exist_ok=True)
+    figures: dict[tuple[str, str, bool], list[float]] = {}
+    for round_number in range(args.rounds):
+        apps = ("service", "reference") if round_number % 2 == 0 else ("reference", "service")
+        for workload, stub, requests in IN_PROCESS_CASES:
+            for app in apps:
+                command = [sys.executable, str(HERE / "inprocess.py"), "--app", app, "--workload", workload]
+                command += ["--requests", str(requests)] + (["--stub"] if stub else [])
+                output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+                result = json.loads(output.strip().splitlines()[-1])
+                assert result["non_200"] == 0, result
+                figures.setdefault((workload, app, stub), []).append(result["cpu_us_per_request"])
+                print(
+                    f"  round {round_number + 1} {app:<10} {workload:<8}{' (stub)' if stub else '       '}"
+                    f" {result['cpu_us_per_request']:>7} µs CPU per request",
+                    flush=True,
+                )
+    print("\nin-process, CPU µs per request (mean of the rounds): service / reference (ratio)")
+    for workload, stub, _ in IN_PROCESS_CASES:
+        service = sum(figures[(workload, "service", stub)]) / args.rounds
+        reference = sum(figures[(workload, "reference", stub)]) / args.rounds
+        label = f"{workload}{', database call stubbed' if stub else ''}"
+        print(f"  {label:<32} {service:7.1f} / {reference:7.1f}  ({service / reference:.2f}×)")
 
 
 def compare_reference(
@@ -920,7 +1014,12 @@ def print_checks(run: dict[str, Any], pgbench: dict[str, Any], connections: int)
             f"history 1M rows, {workers} worker(s): first byte {h['ttfb_ms']} ms "
             f"(cold worker: {h['ttfb_cold_ms']} ms), total {h['total_s']} s, RSS growth {h['rss_growth_mb']} MB"
         )
-    servers = {"service": service, "reference": run.get("reference"), **run.get("reference_variants", {})}
+    servers = {
+        "service": service,
+        **run.get("service_variants", {}),
+        "reference": run.get("reference"),
+        **run.get("reference_variants", {}),
+    }
     for name, figures in servers.items():
         if not figures:
             continue
@@ -932,8 +1031,27 @@ def print_checks(run: dict[str, Any], pgbench: dict[str, Any], connections: int)
         ]
         print(
             f"{name}, {workers} worker(s): audit {'clean' if figures['audit_clean'] else 'DRIFT'}; "
-            f"ledger rows/acked (≤ +{connections} in flight at wrk's deadline): {', '.join(writes) or '-'}"
+            f"ledger rows/acked (≤ +{connections} in flight at wrk's deadline, per round): {', '.join(writes) or '-'}"
         )
+    reference = run.get("reference") or {}
+    by_round = [
+        f"{w} "
+        + " / ".join(
+            f"{s / r:.2f}" for s, r in zip(service[w]["rps_by_round"], reference[w]["rps_by_round"], strict=True)
+        )
+        for w in WORKLOADS
+        if w in service and w in reference and all(reference[w]["rps_by_round"])
+    ]
+    if by_round:
+        print(f"service/reference by round, {workers} worker(s): " + "; ".join(by_round))
+    for name, figures in run.get("service_variants", {}).items():
+        cells = [
+            f"{w} {figures[w]['acked_rps']} vs {service[w]['acked_rps']}"
+            f" ({figures[w]['acked_rps'] / service[w]['acked_rps']:.2f}×)"
+            for w in WORKLOADS
+            if w in figures and service[w]["acked_rps"]
+        ]
+        print(f"variant {name} vs service, {workers} worker(s), acked req/s: " + "; ".join(cells))
     if run.get("reference_variants"):
         print(f"\nreference app variants, {workers} worker(s): req/s (p99 ms)")
         for name, figures in run["reference_variants"].items():

@@ -321,8 +321,17 @@ async def balance(user_text: str) -> bytes:
     row = await driver.one(ledger_sql.BALANCE_WITH_HOLDS, {"user_id": user_id})
     if row is None:
         raise Refused(404, "Account not found.", "account_not_found")
-    posted, held = row[0], int(row[1])  # held is numeric (a sum of bigints): an integer in JSON, as the service says
-    return encode({"user_id": user_id, "balance": posted, "held": held, "available": posted - held})
+    held, available, expiring, next_expiry = int(row[0]), int(row[1]), int(row[2]), row[3]  # sums are numeric
+    return encode(
+        {
+            "user_id": user_id,
+            "balance": available + held,
+            "held": held,
+            "available": available,
+            "expiring": expiring,
+            "next_expiry": next_expiry,
+        }
+    )
 
 
 _CAPTURE_REFUSALS = {

@@ -238,3 +238,21 @@ def test_every_write_after_an_expiry_comes_after_its_expiry_row(client, db, user
     rows = [(row["type"], row["amount"], row["balance_after"]) for row in history(client, user_id)]
     assert rows[-3:] == [("expiry", -20, 100), ("credit", 5, 105), ("refund", 10, 115)]
     assert grant_problems(db, user_id) == []
+
+
+def test_a_capture_after_an_expiry_comes_after_its_expiry_row(client, db, user_id):
+    paid = grant(client, user_id, 100)
+    moment = at(1.0)
+    grant(client, user_id, 30, priority=10, expires_at=moment)
+    hold = client.post("/billing/holds", json={"user_id": str(user_id), "amount": 10, "description": "run"}).json()
+    wait_until(moment)
+    # The trial grant expired with 20 unreserved (its 10 stay the hold's). The capture finds it due, writes the
+    # expiry row first, then spends the reservation and overruns into the paid grant: balance_after is exact.
+    captured = client.post(f"/billing/holds/{hold['hold_id']}/capture", json={"amount": 15, "allow_overrun": True})
+    assert captured.status_code == 200, captured.text
+    assert captured.json()["balance"] == 95
+    assert captured.json()["hold"]["captured"] == 15
+    rows = [(row["type"], row["amount"], row["balance_after"]) for row in history(client, user_id)]
+    assert rows[-2:] == [("expiry", -20, 110), ("capture", -15, 95)]
+    assert remaining(client, user_id) == {paid: 95}
+    assert grant_problems(db, user_id) == []

@@ -108,7 +108,7 @@ class BatchStats:
 
 
 class ChargeBatcher:
-    def __init__(self, pool: AsyncConnectionPool, *, max_size: int = 256, max_inflight: int = 2) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, max_size: int = 256, max_inflight: int = 1) -> None:
         self._pool = pool
         self._max_size = max_size
         self._queue: list[_Charge] = []

@@ -228,13 +228,17 @@ DISPATCHER_LOCK: LiteralString = "SELECT pg_try_advisory_lock(1651076204, 1)"
 LISTEN: LiteralString = "LISTEN billing_dispatcher"
 
 # Moves the dispatcher's position along the commit-safe feed and creates the deliveries of what it passed,
-# in one statement: a crash leaves either both or neither.
+# in one statement: a crash leaves either both or neither. The position enters the row comparison as three
+# scalars, so it bounds the events_feed index scan: joined to the position instead, the comparison was a join
+# filter and every poll walked the index from the oldest retained event (20,000 events: 8,405 buffers, 16 ms).
 FANOUT: LiteralString = """
 WITH position AS (SELECT txid, user_id, seq FROM dispatcher_state WHERE id = 1 FOR UPDATE),
 batch AS (
     SELECT e.txid, e.user_id, e.seq, e.id, e.type
-    FROM events e, position p
-    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot()) AND (e.txid, e.user_id, e.seq) > (p.txid, p.user_id, p.seq)
+    FROM events e
+    WHERE e.txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND (e.txid, e.user_id, e.seq)
+          > ((SELECT txid FROM position), (SELECT user_id FROM position), (SELECT seq FROM position))
     ORDER BY e.txid, e.user_id, e.seq
     LIMIT %(limit)s
 ),

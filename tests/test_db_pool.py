@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -109,3 +110,43 @@ async def _with_pool_of_one(url: str, body: Any) -> Any:
         return await body(pool)
     finally:
         await pool.close()
+
+
+def test_a_statement_past_psycopgs_4_kb_cache_limit_is_converted_once_not_at_every_execution(
+    database_url: str, server: Any
+) -> None:
+    """HOLD_CAPTURE (9.7 KB) is past the length psycopg caches by default; re-converted at every capture it cost
+    85 µs. db.configure_psycopg lifts the limit: the second execution must hit psycopg's cache."""
+    from psycopg import _queries
+
+    from billing_service.holds import sql as holds_sql
+
+    assert len(holds_sql.HOLD_CAPTURE) > 4096
+    params = {
+        "user_id": uuid.uuid4(),
+        "root_id": uuid.uuid4(),
+        "hold_id": uuid.uuid4(),
+        "amount": 1,
+        "description": None,
+        "metadata": None,
+        "final": False,
+        "allow_overrun": False,
+        "events": True,
+        "idempotency_key": None,
+        "request_hash": None,
+        "posted_by": "test",
+        "request_id": None,
+    }
+
+    async def body(pool: db.BillingPool) -> tuple[int, str]:
+        async with pool.connection() as conn:
+            outcome = ""
+            for _ in range(2):
+                hits = _queries._query2pg.cache_info().hits
+                cursor = await conn.execute(holds_sql.HOLD_CAPTURE, params)  # no such hold: it changes nothing
+                outcome = (await cursor.fetchone() or ("",))[0]
+            return _queries._query2pg.cache_info().hits - hits, outcome
+
+    new_hits, outcome = asyncio.run(_with_pool_of_one(database_url, body))
+    assert outcome == "hold_not_found"
+    assert new_hits == 1

@@ -86,7 +86,13 @@ def test_charges_and_tokens_are_counted_by_result_across_workers(server: LiveSer
         missing = http.post("/billing/charge-tokens", json={"user_id": str(unknown), "amount": 1, "description": "x"})
         assert missing.json()["code"] == "account_not_found"
 
-    # Every scrape, whichever worker answers it, sees every worker's counts.
+    # Each worker flushes its tallies every second; once both have, every scrape, whichever worker answers it,
+    # sees every worker's counts, exactly.
+    scrape_until(
+        server.base_url,
+        lambda s: value(s, "billing_tokens_credited_total") - value(before, "billing_tokens_credited_total") >= 1005,
+    )
+    time.sleep(1.2)
     for _ in range(6):
         after = scrape(server.base_url)
 
@@ -171,6 +177,9 @@ def test_holds_are_gauged_at_scrape_time_and_captures_count_as_debits(server: Li
             assert captured.status_code == 200, captured.text
         released = http.post(f"/billing/holds/{hold_id}/release")
         assert released.status_code == 200, released.text
+    debited = value(before, "billing_tokens_debited_total") + 40
+    after = scrape_until(server.base_url, lambda s: value(s, "billing_tokens_debited_total") >= debited)
+    time.sleep(1.2)  # a replay counted by mistake would reach the scrape within a flush
     after = scrape(server.base_url)
 
     assert value(held, "billing_active_holds") - value(before, "billing_active_holds") == 1

@@ -27,6 +27,7 @@ from billing_service.grants.routes import router as grants_router
 from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
+from billing_service.ledger.read_batcher import BalanceBatcher
 from billing_service.ledger.routes import fast_routes as ledger_fast_routes
 from billing_service.ledger.routes import health, router
 from billing_service.logs import configure_logging
@@ -60,6 +61,11 @@ def create_app(settings: Settings | None = None) -> Edge:
             if settings.batch_charges
             else None
         )
+        app.state.read_batcher = (
+            BalanceBatcher(pool, max_size=settings.batch_max_size, max_inflight=settings.read_batch_max_inflight)
+            if settings.batch_reads
+            else None
+        )
         # Every worker starts one; the advisory lock lets exactly one of them (cluster-wide) lead.
         dispatching = asyncio.create_task(dispatcher.run(url, pool, settings)) if settings.dispatcher else None
         # What the worker built to start (FastAPI, pydantic schemas, routes: ~135,000 objects) lives as long as
@@ -81,6 +87,8 @@ def create_app(settings: Settings | None = None) -> Edge:
             metrics.worker_exiting()
             if app.state.batcher is not None:
                 await app.state.batcher.close()
+            if app.state.read_batcher is not None:
+                await app.state.read_batcher.close()
             await pool.close()
 
     app = FastAPI(

@@ -22,6 +22,8 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
 | BILLING_BATCH_MAX_SIZE     | most charges in one batch (256)                                       |
 | BILLING_BATCH_MAX_INFLIGHT | batches a worker may have committing at once (1)                      |
+| BILLING_BATCH_READS        | coalesce concurrent balance reads into one statement per batch (true) |
+| BILLING_READ_BATCH_MAX_INFLIGHT | read batches a worker may have at the database at once (1)       |
 | BILLING_EVENTS             | write the events outbox with every change (true)                      |
 | BILLING_LOW_BALANCE_THRESHOLD | threshold new accounts get for balance.low; unset: no alert        |
 | BILLING_DISPATCHER         | run the webhook dispatcher in `billing serve` (true)                  |
@@ -92,6 +94,9 @@ class Settings(BaseSettings):
     # One: the charges that arrive while a batch commits all go into the next one. Two or more split them into
     # smaller batches that take the same account locks in turn (docs/performance.md: 1 vs 2, +16% spread, +37% hot).
     batch_max_inflight: int = Field(default=1, ge=1, le=64)
+    # Balance reads share statements the same way (ledger/read_batcher.py); nothing is cached.
+    batch_reads: bool = True
+    read_batch_max_inflight: int = Field(default=1, ge=1, le=64)
     events: bool = True
     low_balance_threshold: int | None = Field(default=None, ge=0, le=2**53 - 1)
     dispatcher: bool = True

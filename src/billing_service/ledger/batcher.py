@@ -26,7 +26,6 @@ down, falls back to `ledger.charge`, the single-statement path: one bad charge n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +34,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.coalescing import Coalescer
 from billing_service.db import confirm_replicated
 from billing_service.errors import (
     DATABASE_DOWN,
@@ -97,31 +97,10 @@ class _Event:
     data: str
 
 
-@dataclass
-class BatchStats:
-    """What the batcher has done in this process; exported as metrics."""
-
-    batches: int = 0
-    charges: int = 0
-    fallbacks: int = 0
-    sizes: list[int] = field(default_factory=list)
-
-
-class ChargeBatcher:
+class ChargeBatcher(Coalescer[_Charge]):
     def __init__(self, pool: AsyncConnectionPool, *, max_size: int = 256, max_inflight: int = 1) -> None:
+        super().__init__(max_size=max_size, max_inflight=max_inflight)
         self._pool = pool
-        self._max_size = max_size
-        self._queue: list[_Charge] = []
-        self._arrived = asyncio.Event()
-        self._runners = [asyncio.create_task(self._run()) for _ in range(max_inflight)]
-        self.stats = BatchStats()
-
-    async def close(self) -> None:
-        for runner in self._runners:
-            runner.cancel()
-        for runner in self._runners:
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
 
     async def charge(
         self,
@@ -146,25 +125,11 @@ class ChargeBatcher:
             posted_by,
             request_id,
         )
-        self._queue.append(item)
-        self._arrived.set()
+        self._enqueue(item)
         # shield: a client that disconnects must not cancel a charge its batch may already have committed.
         return await asyncio.shield(item.future)
 
-    async def _run(self) -> None:
-        while True:
-            await self._arrived.wait()
-            batch, self._queue = self._queue[: self._max_size], self._queue[self._max_size :]
-            if not self._queue:
-                self._arrived.clear()
-            if batch:
-                await self._settle(batch)
-
     async def _settle(self, batch: list[_Charge]) -> None:
-        self.stats.batches += 1
-        self.stats.charges += len(batch)
-        self.stats.sizes.append(len(batch))
-        del self.stats.sizes[:-1000]
         try:
             outcomes = await self._apply(batch)
         except DATABASE_DOWN as exc:

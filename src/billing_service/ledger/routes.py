@@ -22,6 +22,7 @@ from billing_service.edge.fast_lane import FastRoute
 from billing_service.errors import AccountNotFound, ErrorBody, InsufficientBalance, InvalidRequest, documented
 from billing_service.ledger import rules as ledger
 from billing_service.ledger.batcher import ChargeBatcher
+from billing_service.ledger.read_batcher import BalanceBatcher
 from billing_service.ledger.schemas import (
     AccountResponse,
     AccountSettingsRequest,
@@ -129,7 +130,11 @@ def _rfc3339(at: datetime) -> str:
 
 
 async def balance(state: Any, user_id: UUID, _: None, __: str | None, ___: Caller) -> Answer:
-    current = await ledger.balance_with_holds(state.pool, user_id=user_id)
+    batcher: BalanceBatcher | None = state.read_batcher
+    if batcher is not None:
+        current = await batcher.balance_with_holds(user_id=user_id)
+    else:
+        current = await ledger.balance_with_holds(state.pool, user_id=user_id)
     next_expiry = b'"%s"' % _rfc3339(current.next_expiry).encode() if current.next_expiry is not None else b"null"
     body = b'{"user_id":"%s","balance":%d,"held":%d,"available":%d,"expiring":%d,"next_expiry":%s}' % (
         str(user_id).encode(),

@@ -310,6 +310,17 @@ async def balance_with_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> Bal
     return Balance(user_id, available + held, held, available, expiring, next_expiry)
 
 
+async def balances_with_holds(pool: AsyncConnectionPool, *, user_ids: list[UUID]) -> dict[UUID, Balance]:
+    """`balance_with_holds` of many accounts in one statement and one snapshot; an unknown account is absent."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(sql.BALANCES_WITH_HOLDS, {"user_ids": user_ids})
+        rows = await cursor.fetchall()
+    return {
+        user_id: Balance(user_id, available + held, held, available, expiring, next_expiry)
+        for user_id, held, available, expiring, next_expiry in rows
+    }
+
+
 async def balance_by_category(pool: AsyncConnectionPool, *, user_id: UUID) -> dict[Literal["paid", "promotional"], int]:
     """The live, unreserved tokens by grant category."""
     async with pool.connection() as conn:

@@ -28,13 +28,12 @@ def _small_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
     try:
         # Python's json takes NaN, Infinity and unpaired surrogates; PostgreSQL's jsonb refuses all three,
         # so refuse them here as a 422 rather than fail in the database as a 500.
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        text.encode()
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except ValueError as exc:  # UnicodeEncodeError is a ValueError
         raise ValueError("must be JSON PostgreSQL can store: no NaN, Infinity or unpaired surrogates") from exc
-    if "\\u0000" in text:
+    if b"\\u0000" in text:
         raise ValueError("must not contain the NUL character")
-    if len(text.encode()) > MAX_METADATA_BYTES:
+    if len(text) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     # The usage rollup groups and sums these: a wrong type here would be a wrong chart later.
     for key in ("run_id", "model"):

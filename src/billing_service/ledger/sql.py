@@ -255,8 +255,8 @@ PING: LiteralString = "SELECT 1"
 # live. A grant past its expiry no longer counts. The common case (nothing due) costs one row read: the
 # expensive branches run only when a hold or a grant is due and not swept yet.
 # expiring: the live tokens that expire within 7 days; next_expiry: the soonest expiry of a live grant.
-BALANCE_WITH_HOLDS: LiteralString = """
-SELECT a.held - coalesce(x.remaining, 0) AS held,
+_BALANCE_COLUMNS: LiteralString = """
+       a.held - coalesce(x.remaining, 0) AS held,
        CASE WHEN coalesce(a.next_expiry > statement_timestamp(), true) THEN a.balance - a.held
             ELSE billing_live(a.grants, statement_timestamp()) END + coalesce(x.live_allocation, 0) AS available,
        CASE WHEN a.next_expiry <= statement_timestamp() + interval '7 days' THEN (
@@ -267,7 +267,9 @@ SELECT a.held - coalesce(x.remaining, 0) AS held,
            SELECT min(s.expires_at) FROM unnest(a.grants) s
            WHERE s.remaining > 0 AND s.expires_at > statement_timestamp()
        ) END AS next_expiry
-FROM accounts a
+"""
+
+_BALANCE_FROM: LiteralString = """FROM accounts a
 LEFT JOIN LATERAL (
     SELECT sum(h.remaining) AS remaining,
            (SELECT sum(hf.amount) FROM hold_funding hf
@@ -280,8 +282,14 @@ LEFT JOIN LATERAL (
       AND r.expires_at <= statement_timestamp()
     HAVING count(*) > 0
 ) x ON true
-WHERE a.user_id = %(user_id)s
 """
+
+BALANCE_WITH_HOLDS: LiteralString = f"SELECT{_BALANCE_COLUMNS}{_BALANCE_FROM}WHERE a.user_id = %(user_id)s"
+
+# The same for many accounts in one statement (ledger/read_batcher.py): one snapshot, one row per account found.
+BALANCES_WITH_HOLDS: LiteralString = (
+    f"SELECT a.user_id,{_BALANCE_COLUMNS}{_BALANCE_FROM}WHERE a.user_id = ANY(%(user_ids)b::uuid[])"
+)
 
 # The live balance by grant category (paid, promotional), from the account's slots.
 BALANCE_BY_CATEGORY: LiteralString = """

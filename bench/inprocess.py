@@ -1,6 +1,6 @@
 """The Python layer alone: an ASGI app driven in-process, its own CPU per request, without a server or wrk.
 
-    uv run python bench/inprocess.py --app service|reference --workload balance|charge [--requests N] [--stub]
+    uv run python bench/inprocess.py --app service|reference --workload balance|charge|capture [--requests N] [--stub]
 
 Run by `./scripts/bench --in-process` (which seeds the database and runs each app in a fresh interpreter); its
 output is one JSON line. 16 tasks call the app's ASGI callable directly with real scopes, bodies and headers,
@@ -8,9 +8,14 @@ against the real database (DATABASE_URL), after a warm-up. What it reports is th
 request (time.process_time: the app, psycopg and libpq, the event loop; not PostgreSQL's), which on a shared
 2-core machine moves by a few percent where req/s under wrk moves by 20.
 
---stub replaces the one database call of a balance read (the service's `ledger.balance_with_holds`, the
-reference's `driver.one`) by a constant answer that still suspends once on the event loop: what is left is
-the edge, routing, validation, the answer and the access line, i.e. what each app costs besides the driver.
+--stub replaces the database work of a balance read (the service's `ledger.balance_with_holds`, with its read
+batcher off, the reference's `driver.one`) or of a capture (the service's `holds.capture`, the reference's
+`driver.capture`, both still hashing the request) by a constant answer that still suspends once on the event
+loop: what is left is the edge, routing, validation, the answer and the access line, i.e. what each app costs
+besides the driver.
+
+capture: each task captures from a root hold of its own (made here, on the seeded accounts 1001...), as one
+streaming agent run does, so the figure is the Python path's and not the tree lock's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,11 @@ TASKS = 16
 
 def user_id(n: int) -> str:
     return f"00000000-0000-4000-8000-{n:012d}"
+
+
+# A hold as the HOLD statement returns it, for the stubbed captures.
+_NOW = datetime.now(UTC)
+HOLD_ROW = (uuid.uuid4(), uuid.uuid4(), None, uuid.uuid4(), 1, 10**9, 10**9, 0, "active", _NOW, "bench", None, _NOW)
 
 
 def build_app(name: str, stub: bool) -> Any:
@@ -49,6 +60,8 @@ def build_app(name: str, stub: bool) -> Any:
         }
     )
     if name == "service":
+        if stub:  # the stub replaces the single read; batched, the read would not reach it
+            os.environ["BILLING_BATCH_READS"] = "false"
         from billing_service.app import create_app
         from billing_service.ledger import routes, rules
 
@@ -61,6 +74,20 @@ def build_app(name: str, stub: bool) -> Any:
                 return answer
 
             routes.ledger.balance_with_holds = balance_with_holds  # type: ignore[assignment]
+
+            from billing_service.holds import routes as holds_routes
+            from billing_service.holds import rules as holds
+
+            hold = holds.Hold(*HOLD_ROW)
+
+            async def capture(pool: Any, **request: Any) -> Any:
+                # What the real one does besides its transaction: the request's hash, then the answer.
+                fields = ("hold_id", "amount", "description", "metadata", "final", "allow_overrun")
+                holds.request_hash("capture", **{name: request.get(name) for name in fields})
+                await _one_loop_turn()
+                return holds.Capture(uuid.uuid4(), 10, hold)
+
+            holds_routes.holds.capture = capture  # type: ignore[assignment]
         return app
     sys.path.insert(0, str(HERE))
     import reference_app
@@ -72,7 +99,12 @@ def build_app(name: str, stub: bool) -> Any:
             await _one_loop_turn()
             return row
 
+        async def captured(self: Any, hold_id: uuid.UUID, params: dict[str, Any]) -> Any:
+            await _one_loop_turn()
+            return ("applied", uuid.uuid4(), 10, None, None), HOLD_ROW
+
         reference_app.PsycopgDriver.one = one  # type: ignore[method-assign]
+        reference_app.PsycopgDriver.capture = captured  # type: ignore[method-assign]
     return reference_app.app
 
 
@@ -84,7 +116,20 @@ async def _one_loop_turn() -> None:
     await future
 
 
-def request(workload: str) -> tuple[dict[str, Any], bytes]:
+CAPTURE_BODY = json.dumps(
+    {"amount": 1, "metadata": {"run_id": "bench-run", "model": "bench-model", "input_tokens": 10, "output_tokens": 2}}
+).encode()
+
+
+def create_holds(url: str) -> list[str]:
+    """One root hold per task, on the seeded accounts 1001... (the bench's own helper)."""
+    sys.path.insert(0, str(HERE))
+    from bench import create_holds_on
+
+    return create_holds_on(url, range(1001, 1001 + TASKS), "in-process bench", ttl_seconds=3600)
+
+
+def request(workload: str, hold_id: str | None) -> tuple[dict[str, Any], bytes]:
     headers = [(b"host", b"bench"), (b"authorization", f"Bearer {TOKEN}".encode())]
     if workload == "balance":
         return {
@@ -92,17 +137,21 @@ def request(workload: str) -> tuple[dict[str, Any], bytes]:
             "path": f"/billing/balance/{user_id(random.randint(1, 1000))}",
             "headers": headers,
         }, b""
-    body = json.dumps({"user_id": user_id(random.randint(1, 1000)), "amount": 1, "description": "bench"}).encode()
+    if workload == "capture":
+        path, body = f"/billing/holds/{hold_id}/capture", CAPTURE_BODY
+    else:
+        path = "/billing/charge-tokens"
+        body = json.dumps({"user_id": user_id(random.randint(1, 1000)), "amount": 1, "description": "bench"}).encode()
     headers += [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"idempotency-key", f"inprocess-{uuid.uuid4().hex}".encode()),
     ]
-    return {"method": "POST", "path": "/billing/charge-tokens", "headers": headers}, body
+    return {"method": "POST", "path": path, "headers": headers}, body
 
 
-async def call(app: Any, workload: str, statuses: list[int]) -> None:
-    scope, body = request(workload)
+async def call(app: Any, workload: str, statuses: list[int], hold_id: str | None = None) -> None:
+    scope, body = request(workload, hold_id)
     scope.update(
         type="http",
         http_version="1.1",
@@ -141,15 +190,18 @@ async def measure(app: Any, workload: str, requests: int) -> dict[str, Any]:
     started = await outbox.get()
     assert started["type"] == "lifespan.startup.complete", started
     statuses: list[int] = []
+    hold_ids: list[str | None] = (
+        list(create_holds(os.environ["DATABASE_URL"])) if workload == "capture" else [None] * TASKS
+    )
 
-    async def worker(count: int) -> None:
+    async def worker(count: int, hold_id: str | None) -> None:
         for _ in range(count):
-            await call(app, workload, statuses)
+            await call(app, workload, statuses, hold_id)
 
-    await asyncio.gather(*(worker(max(requests // TASKS // 10, 50)) for _ in range(TASKS)))  # warm up
+    await asyncio.gather(*(worker(max(requests // TASKS // 10, 50), hold) for hold in hold_ids))  # warm up
     statuses.clear()
     cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker(requests // TASKS) for _ in range(TASKS)))
+    await asyncio.gather(*(worker(requests // TASKS, hold) for hold in hold_ids))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     done = len(statuses)
     await inbox.put({"type": "lifespan.shutdown"})
@@ -166,12 +218,12 @@ async def measure(app: Any, workload: str, requests: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app", choices=("service", "reference"), required=True)
-    parser.add_argument("--workload", choices=("balance", "charge"), required=True)
+    parser.add_argument("--workload", choices=("balance", "charge", "capture"), required=True)
     parser.add_argument("--requests", type=int, default=16_000)
-    parser.add_argument("--stub", action="store_true", help="balance only: no database call (see above)")
+    parser.add_argument("--stub", action="store_true", help="balance and capture: no database call (see above)")
     args = parser.parse_args()
-    if args.stub and args.workload != "balance":
-        parser.error("--stub is for the balance workload")
+    if args.stub and args.workload == "charge":
+        parser.error("--stub is for the balance and capture workloads")
     # The apps' log lines (the service's access line per request) go where a server's would, not to the terminal.
     log = os.open(os.environ.get("INPROCESS_LOG", os.devnull), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(log, 2)

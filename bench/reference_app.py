@@ -29,6 +29,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from billing_service.db import configure_psycopg
 from billing_service.holds import sql as holds_sql
 from billing_service.idempotency import request_hash
 from billing_service.ledger import sql as ledger_sql
@@ -65,6 +66,9 @@ class CaptureBody(msgspec.Struct, forbid_unknown_fields=True):
     final: bool = False
     allow_overrun: bool = False
 
+
+# The service's own psycopg settings: HOLD_CAPTURE's placeholder conversion cached, jsonb through msgspec.
+configure_psycopg()
 
 CHARGE_DECODER = msgspec.json.Decoder(ChargeBody)
 CAPTURE_DECODER = msgspec.json.Decoder(CaptureBody)

@@ -355,10 +355,17 @@ def wait_ready(process: subprocess.Popen[bytes], port: int, what: str) -> None:
 LOGS = Path(tempfile.gettempdir()) / "billing-bench-logs"
 
 
+_LOGS_STARTED: set[str] = set()
+
+
 def log_file(name: str) -> Any:
-    """Where a server's output goes (not the terminal: the service's access log is one line per request)."""
+    """Where a server's output goes (not the terminal: the service's access log is one line per request).
+    Each bench run starts its logs afresh and appends across its own passes: one run's access lines alone
+    reach a gigabyte."""
     LOGS.mkdir(exist_ok=True)
-    return (LOGS / f"{name}.log").open("ab")
+    mode = "ab" if name in _LOGS_STARTED else "wb"
+    _LOGS_STARTED.add(name)
+    return (LOGS / f"{name}.log").open(mode)
 
 
 def start_service(
@@ -908,8 +915,8 @@ def in_process(db: Database, args: argparse.Namespace) -> None:
     request of the service and the reference app, side by side."""
     print(f"PostgreSQL {db.version} ({db.kind}); seeding ...", flush=True)
     seed(db.url, args)
+    log_file("inprocess").close()  # started afresh; the runs append to it
     env = {**os.environ, "DATABASE_URL": db.url, "INPROCESS_LOG": str(LOGS / "inprocess.log")}
-    LOGS.mkdir(exist_ok=True)
     figures: dict[tuple[str, str, bool], list[float]] = {}
     for round_number in range(args.rounds):
         apps = ("service", "reference") if round_number % 2 == 0 else ("reference", "service")

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-Item = TypeVar("Item")
+log = logging.getLogger(__name__)
+
+
+class _Awaited(Protocol):
+    """An item a request awaits: the batch resolves its future."""
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
+
+
+Item = TypeVar("Item", bound=_Awaited)
 
 
 @dataclass
@@ -59,7 +70,13 @@ class Coalescer(Generic[Item]):
                 self.stats.items += len(batch)
                 self.stats.sizes.append(len(batch))
                 del self.stats.sizes[:-1000]
-                await self._settle(batch)
+                try:
+                    await self._settle(batch)
+                except Exception as exc:  # noqa: BLE001 - a bug in a batch must not stop the loop for the next
+                    log.exception("a batch failed outside its own error handling")
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
 
     async def _settle(self, batch: list[Item]) -> None:
         raise NotImplementedError

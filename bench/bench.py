@@ -459,10 +459,13 @@ def wrk(
 ) -> dict[str, Any]:
     script, mode = SCRIPTS[workload]
     nonce = uuid.uuid4().hex[:12]
+    # Captures: one wrk thread per connection, so each connection streams captures into a hold of its own, as
+    # an agent run does. With two threads sharing the holds, concurrent requests met on a tree lock.
+    threads = args.connections if workload == "capture" else WRK_THREADS
     command = [
         "wrk",
         "-t",
-        str(WRK_THREADS),
+        str(threads),
         "-c",
         str(args.connections),
         "-d",
@@ -477,7 +480,7 @@ def wrk(
         mode,
         nonce,
         str(holds_file or ""),
-        str(WRK_THREADS),
+        str(threads),
     ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
@@ -515,7 +518,7 @@ _HASH = "'\\x00'::bytea"
 _OUTBOX_AND_CALLER = {"events": "true", "posted_by": "'pgbench'::text", "request_id": "NULL::text"}
 
 
-def pgbench_script(workload: str, connections: int) -> str:
+def pgbench_script(workload: str) -> str:
     """The pgbench script for a workload: the service's exact statements, pgbench variables for parameters."""
     header = f"\\set n random(1, {ACCOUNTS})\n\\set key random(1, 9000000000000000000)\n"
     if workload in ("charge_spread", "charge_hot", "charge_grants"):
@@ -554,7 +557,8 @@ def pgbench_script(workload: str, connections: int) -> str:
         **_OUTBOX_AND_CALLER,
     }
     return (
-        f"\\set h random({ACCOUNTS + 1}, {ACCOUNTS + connections})\n\\set key random(1, 9000000000000000000)\n"
+        # Client c streams into the hold of account 1001 + c, as wrk's connection c does (one hold per run).
+        f"\\set h {ACCOUNTS + 1} + :client_id\n\\set key random(1, 9000000000000000000)\n"
         "BEGIN;\n"
         + one_line(holds_sql.LOCK_TREE, {"hold_id": hold_of})
         + " \\gset\n"
@@ -569,7 +573,7 @@ def pgbench_script(workload: str, connections: int) -> str:
 
 def pgbench(db: Database, workload: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(pgbench_script(workload, args.connections))
+        script.write(pgbench_script(workload))
     command = [db.pgbench, "-n", "-M", "prepared", "-c", str(args.connections), "-j", str(WRK_THREADS)]
     command += ["-T", str(args.duration), "-f", script.name, db.url]
     before = db.cpu_seconds(exited=True)

@@ -1,7 +1,7 @@
 -- POST /billing/holds/{hold_id}/capture: amount 1 with usage metadata and its own Idempotency-Key, as an
 -- orchestrator streaming a run's tokens sends. The bench seeds one root hold per connection, each on its own
--- account, and passes their ids in a file; thread t takes every t-th hold and cycles through its share, so
--- its connections mostly capture from different holds (a hold's captures serialise on its tree lock).
+-- account, and passes their ids in a file; it runs one wrk thread per connection, and thread t takes every t-th
+-- hold: so each connection streams into a hold of its own, as one agent run does.
 dofile(debug.getinfo(1, "S").source:sub(2):match("(.*/)") .. "common.lua")
 
 local common_init = init

@@ -134,3 +134,51 @@ def test_console_format_is_for_humans_and_still_carries_the_request_id(database_
     assert not line.startswith("{")
     assert "request_id=console-check" in line
     assert "status=200" in line
+
+
+def test_access_lines_are_written_in_batches_and_a_5xx_line_at_once() -> None:
+    """The edge records a line per request; AccessLog writes them a batch per system call, at once for a 5xx."""
+    import asyncio
+    import os
+
+    from billing_service.logs import AccessLog
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+
+    def written() -> list[dict[str, Any]]:
+        try:
+            data = os.read(read_end, 1 << 20)
+        except BlockingIOError:
+            return []
+        return [json.loads(line) for line in data.decode().splitlines()]
+
+    def line(log: AccessLog, status: int, n: int) -> None:
+        log.write(request_id=f"r{n}", method="GET", path=f"/p/{n}", route="/p", status=status, duration_ms=1.0)
+
+    async def run() -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        log = AccessLog(log_format="json", fd=write_end)
+        line(log, 200, 1)
+        line(log, 404, 2)
+        before_timer = written()
+        await asyncio.sleep(log.FLUSH_SECONDS * 3)
+        after_timer = written()
+        line(log, 200, 3)
+        line(log, 503, 4)  # with the line waiting before it
+        at_once = written()
+        for n in range(log.FLUSH_LINES):
+            line(log, 200, 100 + n)
+        full_batch = written()
+        log.flush()
+        return before_timer, after_timer, at_once, full_batch
+
+    try:
+        before_timer, after_timer, at_once, full_batch = asyncio.run(run())
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert before_timer == []
+    assert [(r["path"], r["status"]) for r in after_timer] == [("/p/1", 200), ("/p/2", 404)]
+    assert [(r["path"], r["status"]) for r in at_once] == [("/p/3", 200), ("/p/4", 503)]
+    assert len(full_batch) == AccessLog.FLUSH_LINES
+    assert after_timer[0]["event"] == "request" and after_timer[0]["request_id"] == "r1"

@@ -84,6 +84,8 @@ def create_app(settings: Settings | None = None) -> Edge:
             await db_tokens.close()
             await app.state.limiter.close()
             app.state.http_metrics.flush()
+            if app.state.access_log is not None:
+                app.state.access_log.flush()
             metrics.worker_exiting()
             if app.state.batcher is not None:
                 await app.state.batcher.close()

@@ -81,6 +81,7 @@ class Edge:
             if settings.access_log
             else None
         )
+        app.state.access_log = self.access_log  # flushed by the lifespan at shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
@@ -106,6 +107,7 @@ class Edge:
         if request_id is not None:
             candidate = request_id.decode("latin-1")
             request_id = candidate if _REQUEST_ID.fullmatch(candidate) else None
+        client_request_id = request_id is not None
         request_id = request_id or os.urandom(16).hex()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -167,6 +169,7 @@ class Edge:
                     route=route,
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
+                    client_request_id=client_request_id,
                 )
             # Not cleared: the server logs an unhandled exception after this returns, and that line should
             # carry the request id too. Each request runs in its own task, so nothing leaks.

@@ -37,6 +37,13 @@ class BatchStats:
     sizes: list[int] = field(default_factory=list)  # the newest 1,000 batch sizes
 
 
+def fail(batch: list[Item], exc: BaseException) -> None:
+    """Every request of the batch still waiting gets `exc` (one whose request was cancelled is done already)."""
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
 class Coalescer(Generic[Item]):
     """Queues items and hands them to `_settle` in batches of at most `max_size`, with at most `max_inflight`
     batches being settled at once. A subclass settles a batch: it resolves each item's future."""
@@ -74,9 +81,7 @@ class Coalescer(Generic[Item]):
                     await self._settle(batch)
                 except Exception as exc:  # noqa: BLE001 - a bug in a batch must not stop the loop for the next
                     log.exception("a batch failed outside its own error handling")
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
+                    fail(batch, exc)
 
     async def _settle(self, batch: list[Item]) -> None:
         raise NotImplementedError

@@ -20,7 +20,7 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_REPLICATION_WAIT_MS | beyond statement_timeout, the longest a commit waits for a sync standby (5000) |
 | BILLING_MAX_BODY_BYTES     | request bodies above this get 413 (65536)                             |
 | BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
-| BILLING_BATCH_MAX_SIZE     | most charges in one batch (256)                                       |
+| BILLING_BATCH_MAX_SIZE     | most charges, or balance reads, in one batch (256)                    |
 | BILLING_BATCH_MAX_INFLIGHT | batches a worker may have committing at once (1)                      |
 | BILLING_BATCH_READS        | coalesce concurrent balance reads into one statement per batch (true) |
 | BILLING_READ_BATCH_MAX_INFLIGHT | read batches a worker may have at the database at once (1)       |

@@ -17,7 +17,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service.coalescing import Coalescer
+from billing_service.coalescing import Coalescer, fail
 from billing_service.errors import AccountNotFound
 from billing_service.ledger import rules as ledger
 
@@ -41,10 +41,8 @@ class BalanceBatcher(Coalescer[_Read]):
     async def _settle(self, batch: list[_Read]) -> None:
         try:
             found = await ledger.balances_with_holds(self._pool, user_ids=list({read.user_id for read in batch}))
-        except Exception as exc:  # noqa: BLE001 - every read of the batch answers it (a 503, most often)
-            for read in batch:
-                if not read.future.done():
-                    read.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - expected (a 503, most often): every read answers it, unlogged
+            fail(batch, exc)
             return
         for read in batch:
             if not read.future.done():  # its request may have been cancelled

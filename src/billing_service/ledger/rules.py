@@ -306,7 +306,11 @@ async def balance_with_holds(pool: AsyncConnectionPool, *, user_id: UUID) -> Bal
         row = await cursor.fetchone()
     if row is None:
         raise AccountNotFound()
-    held, available, expiring, next_expiry = row
+    return _balance(user_id, *row)
+
+
+def _balance(user_id: UUID, held: int, available: int, expiring: int, next_expiry: datetime | None) -> Balance:
+    """A row of BALANCE_WITH_HOLDS's columns as a Balance: the balance is what is available plus what is held."""
     return Balance(user_id, available + held, held, available, expiring, next_expiry)
 
 
@@ -315,10 +319,7 @@ async def balances_with_holds(pool: AsyncConnectionPool, *, user_ids: list[UUID]
     async with pool.connection() as conn:
         cursor = await conn.execute(sql.BALANCES_WITH_HOLDS, {"user_ids": user_ids})
         rows = await cursor.fetchall()
-    return {
-        user_id: Balance(user_id, available + held, held, available, expiring, next_expiry)
-        for user_id, held, available, expiring, next_expiry in rows
-    }
+    return {row[0]: _balance(*row) for row in rows}
 
 
 async def balance_by_category(pool: AsyncConnectionPool, *, user_id: UUID) -> dict[Literal["paid", "promotional"], int]:

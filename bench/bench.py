@@ -822,7 +822,7 @@ def bench(db: Database, workloads: list[str], args: argparse.Namespace) -> dict[
         "connections": args.connections,
         "duration_s": args.duration,
         "postgresql": {"version": db.version, "kind": db.kind},
-        "service": {"batch_charges": os.environ.get("BILLING_BATCH_CHARGES")},
+        "service": {name: os.environ.get(f"BILLING_{name.upper()}") for name in BATCHERS},
         "reference": {"server": args.reference_server, "driver": args.reference_driver},
         "pgbench": {},
         "runs": [],
@@ -984,17 +984,18 @@ def _ratio(numerator: dict[str, Any] | None, denominator: float | None) -> float
     return float(numerator.get("acked_rps", numerator["rps"])) / denominator
 
 
+# The service's batchers, all on by default; each can be switched off through the environment (passed through).
+BATCHERS = ("batch_charges", "batch_captures", "batch_reads")
+
+
 def print_table(results: dict[str, Any]) -> None:
     pg, ref = results["postgresql"], results["reference"]
-    batch = results["service"]["batch_charges"]
+    batchers = ", ".join(f"BILLING_{name.upper()}={results['service'].get(name) or 'unset'}" for name in BATCHERS)
     print(
         f"\nPostgreSQL {pg['version']} ({pg['kind']}), fsync and synchronous_commit on; "
         f"{results['connections']} connections, {results['duration_s']} s per workload"
     )
-    print(
-        "service: billing serve --workers N, default config (access log, metrics, auth); "
-        f"BILLING_BATCH_CHARGES={batch if batch is not None else 'unset'}"
-    )
+    print(f"service: billing serve --workers N, default config (access log, metrics, auth); {batchers}")
     print(f"reference: bench/reference_app.py on {ref['server']} with {ref['driver']}, same worker count")
     print("pgbench: the same statements, -M prepared, no HTTP, no Python\n")
     header = (

@@ -24,6 +24,7 @@ from billing_service.events import config as events_config
 from billing_service.events import dispatcher
 from billing_service.events.routes import router as events_router
 from billing_service.grants.routes import router as grants_router
+from billing_service.holds.batcher import CaptureBatcher
 from billing_service.holds.routes import fast_routes as holds_fast_routes
 from billing_service.holds.routes import router as holds_router
 from billing_service.ledger.batcher import ChargeBatcher
@@ -66,6 +67,11 @@ def create_app(settings: Settings | None = None) -> Edge:
             if settings.batch_reads
             else None
         )
+        app.state.capture_batcher = (
+            CaptureBatcher(pool, max_size=settings.batch_max_size, max_inflight=settings.batch_max_inflight)
+            if settings.batch_captures
+            else None
+        )
         # Every worker starts one; the advisory lock lets exactly one of them (cluster-wide) lead.
         dispatching = asyncio.create_task(dispatcher.run(url, pool, settings)) if settings.dispatcher else None
         # What the worker built to start (FastAPI, pydantic schemas, routes: ~135,000 objects) lives as long as
@@ -91,6 +97,8 @@ def create_app(settings: Settings | None = None) -> Edge:
                 await app.state.batcher.close()
             if app.state.read_batcher is not None:
                 await app.state.read_batcher.close()
+            if app.state.capture_batcher is not None:
+                await app.state.capture_batcher.close()
             await pool.close()
 
     app = FastAPI(

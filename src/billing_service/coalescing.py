@@ -1,7 +1,7 @@
 """Coalescing: the requests one worker receives while its previous batch is at the database go in one batch.
 
-The charge batcher (ledger/batcher.py) and the balance-read batcher (ledger/read_batcher.py) share this loop.
-A batch is taken from the queue before its statement is sent, so every request in it arrived before the
+The charge and capture batchers (ledger/batcher.py, holds/batcher.py) and the balance-read batcher
+(ledger/read_batcher.py) share this loop. A batch is taken from the queue before its statement is sent, so every request in it arrived before the
 statement's snapshot: a batch never answers with a state older than its requests, and a request that arrives
 while a batch is at the database waits for the next one instead of joining it.
 """
@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from billing_service.errors import DATABASE_DOWN
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,14 @@ class _Awaited(Protocol):
     def future(self) -> asyncio.Future[Any]: ...
 
 
+class _Write(_Awaited, Protocol):
+    """A write a batch may hand to the one-at-a-time path instead of deciding it."""
+
+    fallback: bool
+
+
 Item = TypeVar("Item", bound=_Awaited)
+WriteItem = TypeVar("WriteItem", bound=_Write)
 
 
 @dataclass
@@ -40,8 +49,17 @@ class BatchStats:
 def fail(batch: list[Item], exc: BaseException) -> None:
     """Every request of the batch still waiting gets `exc` (one whose request was cancelled is done already)."""
     for item in batch:
-        if not item.future.done():
-            item.future.set_exception(exc)
+        resolve(item, exc)
+
+
+def resolve(item: _Awaited, outcome: Any) -> None:
+    """Answer the item's request with `outcome`, raised if it is an exception (unless it is answered already)."""
+    if item.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)
 
 
 class Coalescer(Generic[Item]):
@@ -84,4 +102,39 @@ class Coalescer(Generic[Item]):
                     fail(batch, exc)
 
     async def _settle(self, batch: list[Item]) -> None:
+        raise NotImplementedError
+
+
+class WriteCoalescer(Coalescer[WriteItem]):
+    """A batcher of writes. `_apply` decides in one transaction what it can decide exactly, answers those items
+    once it has committed, and marks the others `fallback`; each of those is then decided alone by `_single`,
+    the write's one-at-a-time path, which answers every case the batch does not. A batch that fails as a whole
+    for another reason than the database being down hands all its items to `_single`: one odd write never fails
+    its neighbours."""
+
+    async def _settle(self, batch: list[WriteItem]) -> None:
+        try:
+            await self._apply(batch)
+        except DATABASE_DOWN as exc:
+            fail(batch, exc)
+            return
+        except Exception:  # noqa: BLE001 - e.g. a unique violation from a key race: decide each one alone
+            for item in batch:
+                item.fallback = True
+        fallbacks = [item for item in batch if item.fallback]
+        if fallbacks:
+            self.stats.fallbacks += len(fallbacks)
+            await asyncio.gather(*(self._decide_alone(item) for item in fallbacks))
+
+    async def _decide_alone(self, item: WriteItem) -> None:
+        try:
+            outcome = await self._single(item)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting request, which raises it
+            outcome = exc
+        resolve(item, outcome)
+
+    async def _apply(self, batch: list[WriteItem]) -> None:
+        raise NotImplementedError
+
+    async def _single(self, item: WriteItem) -> Any:
         raise NotImplementedError

@@ -77,6 +77,16 @@ read_batch_size = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 
+# The capture batcher (BILLING_BATCH_CAPTURES), alike.
+capture_batch_size = Histogram(
+    "billing_capture_batch_size",
+    "Hold captures committed together in one batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+capture_batch_fallbacks = Counter(
+    "billing_capture_batch_fallbacks_total", "Captures a batch sent to the single-capture path."
+)
+
 # Computed by the scraping worker from the database: a hold lives in the database, not in any one worker.
 active_holds = Gauge("billing_active_holds", "Holds currently active.", multiprocess_mode="mostrecent")
 held_tokens = Gauge("billing_held_tokens", "Tokens reserved by active holds.", multiprocess_mode="mostrecent")
@@ -159,7 +169,11 @@ class BatcherSampler:
 
 async def sample_forever(state: Any) -> None:
     """Every second: this worker's HTTP tallies, pool gauges, and its batchers' new batches if it batches."""
-    samplers = {"batcher": BatcherSampler(batch_size, batch_fallbacks), "read_batcher": BatcherSampler(read_batch_size)}
+    samplers = {
+        "batcher": BatcherSampler(batch_size, batch_fallbacks),
+        "read_batcher": BatcherSampler(read_batch_size),
+        "capture_batcher": BatcherSampler(capture_batch_size, capture_batch_fallbacks),
+    }
     while True:
         state.http_metrics.flush()
         flush_ledger()

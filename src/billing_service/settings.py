@@ -20,10 +20,11 @@ Environment variables (no prefix for the seed's `DATABASE_URL`, `BILLING_` for t
 | BILLING_REPLICATION_WAIT_MS | beyond statement_timeout, the longest a commit waits for a sync standby (5000) |
 | BILLING_MAX_BODY_BYTES     | request bodies above this get 413 (65536)                             |
 | BILLING_BATCH_CHARGES      | coalesce concurrent charges into one commit per batch (true)         |
-| BILLING_BATCH_MAX_SIZE     | most charges, or balance reads, in one batch (256)                    |
+| BILLING_BATCH_MAX_SIZE     | most charges, captures or balance reads in one batch (256)            |
 | BILLING_BATCH_MAX_INFLIGHT | batches a worker may have committing at once (1)                      |
 | BILLING_BATCH_READS        | coalesce concurrent balance reads into one statement per batch (true) |
 | BILLING_READ_BATCH_MAX_INFLIGHT | read batches a worker may have at the database at once (1)       |
+| BILLING_BATCH_CAPTURES     | coalesce concurrent hold captures into one commit per batch (true)    |
 | BILLING_EVENTS             | write the events outbox with every change (true)                      |
 | BILLING_LOW_BALANCE_THRESHOLD | threshold new accounts get for balance.low; unset: no alert        |
 | BILLING_DISPATCHER         | run the webhook dispatcher in `billing serve` (true)                  |
@@ -97,6 +98,8 @@ class Settings(BaseSettings):
     # Balance reads share statements the same way (ledger/read_batcher.py); nothing is cached.
     batch_reads: bool = True
     read_batch_max_inflight: int = Field(default=1, ge=1, le=64)
+    # Plain hold captures share commits too (holds/batcher.py), with the charges' size and in-flight bounds.
+    batch_captures: bool = True
     events: bool = True
     low_balance_threshold: int | None = Field(default=None, ge=0, le=2**53 - 1)
     dispatcher: bool = True

@@ -99,12 +99,16 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
     return False
 
 
+# The kinds of acknowledged write that take tokens out of a balance.
+DEBITS = frozenset({"charge", "capture"})
+
+
 @dataclass
 class Acked:
     """One acknowledged ledger write, as the client saw it."""
 
     key: str
-    kind: str  # "charge" or "credit"
+    kind: str  # "charge", "capture", "credit" or "refund"
     user_id: str
     amount: int
     transaction_id: str
@@ -172,7 +176,7 @@ def model_violations(database_url: str, log: ClientLog, user_ids: list[str]) -> 
             violations.append(f"acked {ack.kind} {key} is in the ledger {len(found)} times")
             continue
         _, transaction_id, user_id, amount, balance_after, _ = found[0]
-        signed = -ack.amount if ack.kind == "charge" else ack.amount
+        signed = -ack.amount if ack.kind in DEBITS else ack.amount
         if (transaction_id, user_id, amount, balance_after) != (ack.transaction_id, ack.user_id, signed, ack.balance):
             violations.append(f"acked {key} differs from its row: {ack} vs {found[0]}")
     for key, found in by_key.items():
@@ -183,7 +187,7 @@ def model_violations(database_url: str, log: ClientLog, user_ids: list[str]) -> 
             violations.append(f"refused charge {key} left a ledger row")
     expected = written_off  # minus what expired
     for ack in log.acked.values():
-        expected[ack.user_id] += -ack.amount if ack.kind == "charge" else ack.amount
+        expected[ack.user_id] += -ack.amount if ack.kind in DEBITS else ack.amount
     for user_id in user_ids:
         if balances.get(user_id) != expected[user_id]:
             violations.append(

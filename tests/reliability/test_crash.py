@@ -1,8 +1,8 @@
 """Crash test: kill -9 a worker, then the whole server, several times, under load; restart; retry.
 
-Clients charge, credit (half of the credits are grants, most expiring during the run) and refund their own
-acknowledged charges. They retry every request that got no answer with the same Idempotency-Key, until it
-gets one. Every
+Clients charge, credit (half of the credits are grants, most expiring during the run), refund their own
+acknowledged charges, and stream captures into holds of their own (as agent runs do; the capture batcher takes
+them). They retry every request that got no answer with the same Idempotency-Key, until it gets one. Every
 acknowledged write must be in the ledger exactly once, every retried request must resolve to exactly one
 transaction or to none, and the bank invariants must hold. uvicorn (0.54) respawns a worker killed with
 SIGKILL; the test checks that too, since the service's capacity depends on it.
@@ -14,6 +14,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,11 +58,19 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
     rng = random.Random(seed)
     log = ClientLog()
     charged: list[tuple[str, dict[str, Any]]] = []  # (transaction id, body) of this client's acked charges
+    run: tuple[str, str] | None = None  # (hold id, user id) of the hold this client streams captures into
     while not target.stop:
-        kind = rng.choice(["charge", "charge", "credit", "refund"])
+        kind = rng.choice(["charge", "charge", "credit", "refund", "capture", "capture"])
         key = str(uuid.uuid4())
         body: dict[str, Any] = {"user_id": rng.choice(accounts), "amount": rng.randint(1, 25), "description": "crash"}
         path = f"{kind}-tokens"
+        if kind == "capture":
+            if run is None:
+                run = await open_run(http, target, body["user_id"], log)
+                if run is None:
+                    continue
+            body = {"amount": rng.randint(1, 10)}
+            path = f"holds/{run[0]}/capture"
         if kind == "credit" and rng.random() < 0.5:  # a grant, usually one that expires during the run
             body.update(priority=rng.randint(0, 100), category=rng.choice(["paid", "promotional"]))
             if rng.random() < 0.7:
@@ -72,6 +81,7 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
             transaction_id, charge = rng.choice(charged)
             body = {"user_id": charge["user_id"], "amount": rng.randint(1, charge["amount"]), "description": "refund"}
             path = f"transactions/{transaction_id}/refund"
+        owner = run[1] if kind == "capture" and run is not None else body["user_id"]
         attempts = 0
         while True:
             attempts += 1
@@ -86,15 +96,19 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
                 await asyncio.sleep(0.1)
                 continue
             if response.status_code == 200:
-                log.record(key, kind, body["user_id"], body["amount"], response.json())
+                log.record(key, kind, owner, body["amount"], response.json())
                 if kind == "charge":
                     charged.append((response.json()["transaction_id"], body))
                 break
             if response.status_code in (402, 409) and response.json()["code"] in (
                 "insufficient_balance",
                 "refund_exceeds_charge",
+                "capture_exceeds_hold",
+                "hold_not_active",
             ):
                 log.refused.add(key)
+                if kind == "capture":
+                    run = None  # the run's budget is spent: the next capture opens another hold
                 break
             if response.status_code == 422 and response.json()["code"] == "expires_at_in_past":
                 # Its first attempt died with the server before committing, and its grant's expiry has passed
@@ -108,6 +122,31 @@ async def crash_client(http: httpx.AsyncClient, target: Target, accounts: list[s
             log.violations.append(f"{kind} {key}: {response.status_code} {response.text}")
             break
     return log
+
+
+async def open_run(http: httpx.AsyncClient, target: Target, user_id: str, log: ClientLog) -> tuple[str, str] | None:
+    """A hold of 60 tokens for a run, retried with its key until answered; None when the account cannot fund it."""
+    key = str(uuid.uuid4())
+    body = {"user_id": user_id, "amount": 60, "description": "crash run", "ttl_seconds": 600}
+    while not target.stop:
+        log.requests += 1
+        try:
+            response = await http.post(
+                f"{target.server.base_url}/billing/holds", json=body, headers={"Idempotency-Key": key}
+            )
+        except httpx.TransportError:
+            target.unanswered += 1
+            await asyncio.sleep(0.1)
+            continue
+        if response.status_code in (200, 201):
+            return response.json()["hold_id"], user_id
+        if response.status_code == 402:
+            return None
+        if response.status_code not in (409, 503):
+            log.violations.append(f"hold {key}: {response.status_code} {response.text}")
+            return None
+        await asyncio.sleep(0.1)
+    return None
 
 
 def kill_a_worker(server: LiveServer) -> tuple[int, float]:
@@ -186,10 +225,12 @@ def test_kill_9_of_workers_and_server_loses_no_acknowledged_write(own_database):
         f"\ncrash: {log.requests} requests, {len(result['faults'])} faults ({'; '.join(result['faults'])});"
         f" {target.unanswered} requests got no answer, {len(target.retried)} keys retried"
         f" ({len(retried_acked)} posted once, {len(retried_refused)} refused);"
-        f" {len(log.acked)} acknowledged writes; {len(log.violations)} client violations"
+        f" {len(log.acked)} acknowledged writes ({dict(Counter(ack.kind for ack in log.acked.values()))});"
+        f" {len(log.violations)} client violations"
     )
     assert len(result["faults"]) == WORKER_KILLS + SERVER_KILLS
     assert target.retried, "no request was cut off: the faults did not land under load"
+    assert {ack.kind for ack in log.acked.values()} == {"charge", "credit", "refund", "capture"}
     assert not log.violations, log.violations[:5]
     # Every retried request ended with an answer: posted (exactly once, checked below) or refused (no row).
     assert target.retried == retried_acked | retried_refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -15,6 +16,7 @@ from billing_service.edge.codec import Answer
 from billing_service.edge.fast_lane import FastRoute
 from billing_service.errors import HoldNotFound, documented
 from billing_service.holds import rules as holds
+from billing_service.holds.batcher import CaptureBatcher
 from billing_service.holds.schemas import (
     CaptureRequest,
     CaptureResponse,
@@ -124,8 +126,9 @@ async def get_hold(hold_id: UUID, request: Request, caller: AnyCaller) -> JSONRe
 async def capture(
     state: Any, hold_id: UUID, body: CaptureRequest, idempotency_key: str | None, caller: Caller
 ) -> Answer:
-    captured = await holds.capture(
-        state.pool,
+    batcher: CaptureBatcher | None = state.capture_batcher
+    post = batcher.capture if batcher is not None else partial(holds.capture, state.pool)
+    captured = await post(
         hold_id=hold_id,
         amount=body.amount,
         description=body.description,

@@ -305,6 +305,27 @@ async def carve_child(
         raise IdempotencyKeyReused() from exc
 
 
+def capture_hash(
+    *,
+    hold_id: UUID,
+    amount: int,
+    description: str | None,
+    metadata: dict[str, Any] | None,
+    final: bool = False,
+    allow_overrun: bool = False,
+) -> bytes:
+    """What makes two captures the same request under one Idempotency-Key (the capture batcher's too)."""
+    return request_hash(
+        "capture",
+        hold_id=hold_id,
+        amount=amount,
+        description=description,
+        metadata=metadata,
+        final=final,
+        allow_overrun=allow_overrun,
+    )
+
+
 def _decided_again_on_a_draw_race(
     operation: Callable[P, Awaitable[Capture]],
 ) -> Callable[P, Awaitable[Capture]]:
@@ -338,8 +359,7 @@ async def capture(
     request_id: str | None = None,
 ) -> Capture:
     """Post a capture of `amount` against the hold: a ledger debit, never more than the hold allows."""
-    digest = request_hash(
-        "capture",
+    digest = capture_hash(
         hold_id=hold_id,
         amount=amount,
         description=description,

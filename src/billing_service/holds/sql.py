@@ -383,6 +383,115 @@ LEFT JOIN inserted i ON true
 LEFT JOIN target t ON true
 """
 
+# ---------------------------------------------------------------------------------------------------------
+# The capture batcher (holds/batcher.py): the captures one worker receives while its previous batch commits,
+# decided in Python under the same locks as HOLD_CAPTURE and applied together in one transaction. It takes only
+# the plain case (not final, no overrun, the hold live with enough remaining, nothing due in its tree or
+# account, a key not seen before); everything else goes to HOLD_CAPTURE, one capture at a time.
+
+# The batch's trees: their root rows, in id order (the order of LOCK_EXPIRED_ROOTS, so no two lockers of
+# several roots can deadlock), before any account row, as everywhere.
+BATCH_LOCK_TREES: LiteralString = """
+SELECT r.id
+FROM holds r
+WHERE (r.user_id, r.id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+ORDER BY r.id
+FOR UPDATE
+"""
+
+# Then their accounts, in user_id order (the charge batcher's order), each as the locked row is now.
+BATCH_LOCK_ACCOUNTS: LiteralString = """
+SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed, next_expiry
+FROM accounts
+WHERE user_id IN (SELECT h.user_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+ORDER BY user_id
+FOR UPDATE
+"""
+
+# Under those locks, a fresh snapshot (READ COMMITTED: this statement starts after the locks were granted):
+# each hold as stored, the soonest lease among its tree's active holds (anything due makes the capture take the
+# sweeping path), and the batch's instant, as of which every capture of the batch is decided and stamped.
+BATCH_CAPTURE_HOLDS: LiteralString = """
+WITH instant AS (SELECT clock_timestamp() AS planned_at)
+SELECT h.id, h.user_id, h.parent_id, h.root_id, cardinality(h.path), h.amount, h.remaining, h.captured, h.status,
+       h.expires_at, h.description, h.metadata, h.created_at,
+       (SELECT min(d.expires_at) FROM holds d
+        WHERE d.user_id = h.user_id AND d.root_id = h.root_id AND d.status = 'active') AS tree_next_expiry,
+       i.planned_at
+FROM holds h CROSS JOIN instant i
+WHERE h.id = ANY(%(hold_ids)s)
+"""
+
+# The trees' allocations, each in the grants' draw order (HOLD_CAPTURE's `allocation`).
+BATCH_CAPTURE_ALLOCATIONS: LiteralString = """
+SELECT f.user_id, f.root_id, f.grant_id, f.amount
+FROM hold_funding f JOIN grants g ON g.user_id = f.user_id AND g.id = f.grant_id
+WHERE (f.user_id, f.root_id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+  AND f.amount > 0
+ORDER BY f.user_id, f.root_id, g.priority, g.expires_at NULLS LAST, g.created_at, g.id
+"""
+
+# The batch's Idempotency-Keys that the hold's user has already spent (on any ledger row).
+BATCH_CAPTURE_KEYS: LiteralString = """
+SELECT k.hold_id, k.idempotency_key
+FROM unnest(%(key_hold_ids)b::uuid[], %(idempotency_keys)b::text[]) AS k(hold_id, idempotency_key)
+JOIN holds h ON h.id = k.hold_id
+JOIN transactions t ON t.user_id = h.user_id AND t.idempotency_key = k.idempotency_key
+"""
+
+# The plan, set-based: the ledger rows (type capture), their transaction.posted events numbered from the
+# locked rows, and the new values of the accounts, holds and allocations the plan computed. Every row written
+# here is locked by the statements above, so the plan's values are what the rows become.
+BATCH_CAPTURE_APPLY: LiteralString = f"""
+WITH planned AS (
+    SELECT *
+    FROM unnest(%(user_ids)b::uuid[], %(seqs)b::bigint[], %(amounts)b::bigint[], %(balances_after)b::bigint[],
+                %(descriptions)b::text[], %(metadata)b::text[], %(idempotency_keys)b::text[],
+                %(request_hashes)b::bytea[], %(event_seqs)b::bigint[], %(posted_by)b::text[],
+                %(request_ids)b::text[], %(fundings)b::text[], %(hold_ids)b::uuid[])
+         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
+              posted_by, request_id, funding, hold_id)
+),
+inserted AS (
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id, created_at)
+    SELECT user_id, seq, 'capture', -amount, balance_after, description, metadata::jsonb, idempotency_key,
+           request_hash, posted_by, request_id, funding::jsonb, hold_id, %(planned_at)s
+    FROM planned
+    ORDER BY user_id, seq
+    RETURNING {LEDGER_RETURNING}, seq
+),
+outbox AS (
+    {EVENT_COLUMNS}
+    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
+           greatest(a.last_event_txid, pg_current_xact_id())
+    FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
+    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
+    WHERE %(events)s
+),
+accounts_captured AS (
+    UPDATE accounts a
+    SET balance = s.balance, held = s.held, last_seq = s.last_seq, last_event_seq = s.last_event_seq,
+        low_balance_armed = s.armed, {txid_set("a.")}, updated_at = %(planned_at)s
+    FROM unnest(%(account_ids)b::uuid[], %(account_balances)b::bigint[], %(account_held)b::bigint[],
+                %(account_last_seqs)b::bigint[], %(account_last_event_seqs)b::bigint[], %(account_armed)b::boolean[])
+         AS s(user_id, balance, held, last_seq, last_event_seq, armed)
+    WHERE a.user_id = s.user_id
+),
+holds_captured AS (
+    UPDATE holds h SET remaining = s.remaining, captured = s.captured, updated_at = %(planned_at)s
+    FROM unnest(%(hold_user_ids)b::uuid[], %(hold_ids_changed)b::uuid[], %(hold_remaining)b::bigint[],
+                %(hold_captured)b::bigint[]) AS s(user_id, id, remaining, captured)
+    WHERE h.user_id = s.user_id AND h.id = s.id
+),
+allocations_spent AS (
+    UPDATE hold_funding f SET amount = s.amount
+    FROM unnest(%(allocation_user_ids)b::uuid[], %(allocation_root_ids)b::uuid[], %(allocation_grant_ids)b::uuid[],
+                %(allocation_amounts)b::bigint[]) AS s(user_id, root_id, grant_id, amount)
+    WHERE f.user_id = s.user_id AND f.root_id = s.root_id AND f.grant_id = s.grant_id
+)
+SELECT user_id, seq, id FROM inserted
+"""
+
 # The Idempotency-Key, if any, that this user already spent on a release or an extend (which create no row
 # of their own to carry it). Compared with the request's hash in Python.
 _EXISTING_HOLD_REQUEST = """

@@ -34,10 +34,9 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service.coalescing import Coalescer
+from billing_service.coalescing import WriteCoalescer, resolve
 from billing_service.db import confirm_replicated
 from billing_service.errors import (
-    DATABASE_DOWN,
     AccountNotFound,
     BillingError,
     IdempotencyKeyReused,
@@ -97,7 +96,7 @@ class _Event:
     data: str
 
 
-class ChargeBatcher(Coalescer[_Charge]):
+class ChargeBatcher(WriteCoalescer[_Charge]):
     def __init__(self, pool: AsyncConnectionPool, *, max_size: int = 256, max_inflight: int = 1) -> None:
         super().__init__(max_size=max_size, max_inflight=max_inflight)
         self._pool = pool
@@ -129,43 +128,19 @@ class ChargeBatcher(Coalescer[_Charge]):
         # shield: a client that disconnects must not cancel a charge its batch may already have committed.
         return await asyncio.shield(item.future)
 
-    async def _settle(self, batch: list[_Charge]) -> None:
-        try:
-            outcomes = await self._apply(batch)
-        except DATABASE_DOWN as exc:
-            for item in batch:
-                _resolve(item, exc)
-            return
-        except Exception:  # noqa: BLE001 - e.g. a unique violation from a key race: decide each one alone
-            outcomes = {id(item): None for item in batch}
-            for item in batch:
-                item.fallback = True
-        fallbacks = [item for item in batch if item.fallback]
-        for item in batch:
-            if not item.fallback:
-                _resolve(item, outcomes[id(item)])
-        if fallbacks:
-            self.stats.fallbacks += len(fallbacks)
-            await asyncio.gather(*(self._single(item) for item in fallbacks))
+    async def _single(self, item: _Charge) -> ledger.Posted:
+        return await ledger.charge(
+            self._pool,
+            user_id=item.user_id,
+            amount=item.amount,
+            description=item.description,
+            metadata=item.metadata,
+            idempotency_key=item.idempotency_key,
+            posted_by=item.posted_by,
+            request_id=item.request_id,
+        )
 
-    async def _single(self, item: _Charge) -> None:
-        try:
-            posted = await ledger.charge(
-                self._pool,
-                user_id=item.user_id,
-                amount=item.amount,
-                description=item.description,
-                metadata=item.metadata,
-                idempotency_key=item.idempotency_key,
-                posted_by=item.posted_by,
-                request_id=item.request_id,
-            )
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting request, which raises it
-            _resolve(item, exc)
-        else:
-            _resolve(item, posted)
-
-    async def _apply(self, batch: list[_Charge]) -> dict[int, ledger.Posted | BaseException | None]:
+    async def _apply(self, batch: list[_Charge]) -> None:
         user_ids = sorted({item.user_id for item in batch})
         keyed = [item for item in batch if item.idempotency_key is not None]
         outcomes: dict[int, ledger.Posted | BaseException | None] = {}
@@ -205,7 +180,9 @@ class ChargeBatcher(Coalescer[_Charge]):
                 original = outcomes[id(item.replay_of)]
                 assert isinstance(original, ledger.Posted)
                 outcomes[id(item)] = ledger.Posted(original.transaction_id, original.balance, replayed=True)
-        return outcomes
+        for item in batch:
+            if not item.fallback:
+                _resolve(item, outcomes[id(item)])
 
 
 def _plan(
@@ -340,11 +317,6 @@ def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_
 
 
 def _resolve(item: _Charge, outcome: ledger.Posted | BaseException | None) -> None:
-    if item.future.done():
-        return
-    if isinstance(outcome, BaseException):
-        item.future.set_exception(outcome)
-    elif isinstance(outcome, ledger.Posted):
-        item.future.set_result(outcome)
-    else:  # pragma: no cover - every charge gets an outcome or a fallback
-        item.future.set_exception(BillingError("The charge could not be decided."))
+    if outcome is None:  # pragma: no cover - every charge gets an outcome or a fallback
+        outcome = BillingError("The charge could not be decided.")
+    resolve(item, outcome)

@@ -9,10 +9,10 @@ request (time.process_time: the app, psycopg and libpq, the event loop; not Post
 2-core machine moves by a few percent where req/s under wrk moves by 20.
 
 --stub replaces the database work of a balance read (the service's `ledger.balance_with_holds`, with its read
-batcher off, the reference's `driver.one`) or of a capture (the service's `holds.capture`, the reference's
-`driver.capture`, both still hashing the request) by a constant answer that still suspends once on the event
-loop: what is left is the edge, routing, validation, the answer and the access line, i.e. what each app costs
-besides the driver.
+batcher off, the reference's `driver.one`) or of a capture (the service's `holds.capture`, with its capture
+batcher off, the reference's `driver.capture`, both still hashing the request) by a constant answer that still
+suspends once on the event loop: what is left is the edge, routing, validation, the answer and the access line,
+i.e. what each app costs besides the driver.
 
 capture: each task captures from a root hold of its own (made here, on the seeded accounts 1001...), as one
 streaming agent run does, so the figure is the Python path's and not the tree lock's.
@@ -60,8 +60,9 @@ def build_app(name: str, stub: bool) -> Any:
         }
     )
     if name == "service":
-        if stub:  # the stub replaces the single read; batched, the read would not reach it
+        if stub:  # the stubs replace the single read and capture; batched, neither would reach them
             os.environ["BILLING_BATCH_READS"] = "false"
+            os.environ["BILLING_BATCH_CAPTURES"] = "false"
         from billing_service.app import create_app
         from billing_service.ledger import routes, rules
 

@@ -1,9 +1,10 @@
 """Coalescing: the requests one worker receives while its previous batch is at the database go in one batch.
 
 The charge and capture batchers (ledger/batcher.py, holds/batcher.py) and the balance-read batcher
-(ledger/read_batcher.py) share this loop. A batch is taken from the queue before its statement is sent, so every request in it arrived before the
-statement's snapshot: a batch never answers with a state older than its requests, and a request that arrives
-while a batch is at the database waits for the next one instead of joining it.
+(ledger/read_batcher.py) share this loop. A batch is taken from the queue before its statement is sent, so every
+request in it arrived before the statement's snapshot: a batch never answers with a state older than its
+requests, and a request that arrives while a batch is at the database waits for the next one instead of joining
+it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
 
 from billing_service.errors import DATABASE_DOWN
 
@@ -44,6 +48,12 @@ class BatchStats:
     items: int = 0
     fallbacks: int = 0  # items a batch could not decide, sent down the one-at-a-time path
     sizes: list[int] = field(default_factory=list)  # the newest 1,000 batch sizes
+
+
+def json_rows(rows: Iterable[dict[str, Any]]) -> str:
+    """A batch's rows as one JSON document, for a statement's json_to_recordset: one msgspec call per batch instead
+    of an array per column (UUIDs and datetimes as their ISO strings)."""
+    return msgspec.json.encode(list(rows)).decode()
 
 
 def fail(batch: list[Item], exc: BaseException) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -34,7 +33,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service.coalescing import WriteCoalescer, resolve
+from billing_service.coalescing import WriteCoalescer, json_rows, resolve
 from billing_service.events import config as events
 from billing_service.holds import rules as holds
 from billing_service.holds import sql
@@ -158,10 +157,7 @@ class CaptureBatcher(WriteCoalescer[_Capture]):
                 allocated = await conn.execute(sql.BATCH_CAPTURE_ALLOCATIONS, {"hold_ids": hold_ids})
                 spent = await conn.execute(
                     sql.BATCH_CAPTURE_KEYS,
-                    {
-                        "key_hold_ids": [item.hold_id for item in keyed],
-                        "idempotency_keys": [item.idempotency_key for item in keyed],
-                    },
+                    {"keys": json_rows({"hold_id": i.hold_id, "idempotency_key": i.idempotency_key} for i in keyed)},
                 )
                 await pipeline.sync()
                 accounts = {row[0]: _Account(*row[1:]) for row in await locked.fetchall()}
@@ -253,7 +249,7 @@ def _take(allocation: list[_Allocation], amount: int) -> list[dict[str, Any]]:
             share.amount -= take
             share.changed = True
             amount -= take
-            funding.append({"grant_id": str(share.grant_id), "amount": take})
+            funding.append({"grant_id": share.grant_id, "amount": take})
         if not amount:
             break
     return funding
@@ -265,40 +261,55 @@ def _apply_params(
     states: dict[UUID, _HoldState],
     trees: dict[tuple[UUID, UUID], list[_Allocation]],
 ) -> dict[str, Any]:
-    changed_accounts = [(user_id, account) for user_id, account in accounts.items() if account.changed]
-    changed_holds = [state.hold for state in states.values() if state.changed]
-    shares = [share for allocation in trees.values() for share in allocation if share.changed]
     return {
         "events": events.enabled,
-        "user_ids": [item.user_id for item in planned],
-        "seqs": [item.seq for item in planned],
-        "amounts": [item.amount for item in planned],
-        "balances_after": [item.balance_after for item in planned],
-        # HOLD_CAPTURE's coalesce(description, the hold's): a capture without one is described by its hold.
-        "descriptions": [
-            item.description if item.description is not None else states[item.hold_id].hold.description
+        "captures": json_rows(
+            {
+                "user_id": item.user_id,
+                "seq": item.seq,
+                "amount": item.amount,
+                "balance_after": item.balance_after,
+                # HOLD_CAPTURE's coalesce(description, the hold's): a capture without one is described by its hold.
+                "description": item.description
+                if item.description is not None
+                else states[item.hold_id].hold.description,
+                "metadata": item.metadata,
+                "idempotency_key": item.idempotency_key,
+                "request_hash": item.request_hash.hex() if item.idempotency_key is not None else None,
+                "event_seq": item.event_seq,
+                "posted_by": item.posted_by,
+                "request_id": item.request_id,
+                "funding": item.funding,
+                "hold_id": item.hold_id,
+            }
             for item in planned
-        ],
-        "metadata": [json.dumps(item.metadata) if item.metadata is not None else None for item in planned],
-        "idempotency_keys": [item.idempotency_key for item in planned],
-        "request_hashes": [item.request_hash if item.idempotency_key is not None else None for item in planned],
-        "event_seqs": [item.event_seq for item in planned],
-        "posted_by": [item.posted_by for item in planned],
-        "request_ids": [item.request_id for item in planned],
-        "fundings": [json.dumps(item.funding) for item in planned],
-        "hold_ids": [item.hold_id for item in planned],
-        "account_ids": [user_id for user_id, _ in changed_accounts],
-        "account_balances": [account.balance for _, account in changed_accounts],
-        "account_held": [account.held for _, account in changed_accounts],
-        "account_last_seqs": [account.last_seq for _, account in changed_accounts],
-        "account_last_event_seqs": [account.last_event_seq for _, account in changed_accounts],
-        "account_armed": [account.low_balance_armed for _, account in changed_accounts],
-        "hold_user_ids": [hold.user_id for hold in changed_holds],
-        "hold_ids_changed": [hold.hold_id for hold in changed_holds],
-        "hold_remaining": [hold.remaining for hold in changed_holds],
-        "hold_captured": [hold.captured for hold in changed_holds],
-        "allocation_user_ids": [share.user_id for share in shares],
-        "allocation_root_ids": [share.root_id for share in shares],
-        "allocation_grant_ids": [share.grant_id for share in shares],
-        "allocation_amounts": [share.amount for share in shares],
+        ),
+        "accounts": json_rows(
+            {
+                "user_id": user_id,
+                "balance": account.balance,
+                "held": account.held,
+                "last_seq": account.last_seq,
+                "last_event_seq": account.last_event_seq,
+                "armed": account.low_balance_armed,
+            }
+            for user_id, account in accounts.items()
+            if account.changed
+        ),
+        "holds": json_rows(
+            {
+                "user_id": s.hold.user_id,
+                "id": s.hold.hold_id,
+                "remaining": s.hold.remaining,
+                "captured": s.hold.captured,
+            }
+            for s in states.values()
+            if s.changed
+        ),
+        "allocations": json_rows(
+            {"user_id": share.user_id, "root_id": share.root_id, "grant_id": share.grant_id, "amount": share.amount}
+            for allocation in trees.values()
+            for share in allocation
+            if share.changed
+        ),
     }

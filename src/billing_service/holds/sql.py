@@ -394,7 +394,7 @@ LEFT JOIN target t ON true
 BATCH_LOCK_TREES: LiteralString = """
 SELECT r.id
 FROM holds r
-WHERE (r.user_id, r.id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+WHERE (r.user_id, r.id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)b::uuid[]))
 ORDER BY r.id
 FOR UPDATE
 """
@@ -403,7 +403,7 @@ FOR UPDATE
 BATCH_LOCK_ACCOUNTS: LiteralString = """
 SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed, next_expiry
 FROM accounts
-WHERE user_id IN (SELECT h.user_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+WHERE user_id IN (SELECT h.user_id FROM holds h WHERE h.id = ANY(%(hold_ids)b::uuid[]))
 ORDER BY user_id
 FOR UPDATE
 """
@@ -419,14 +419,14 @@ SELECT h.id, h.user_id, h.parent_id, h.root_id, cardinality(h.path), h.amount, h
         WHERE d.user_id = h.user_id AND d.root_id = h.root_id AND d.status = 'active') AS tree_next_expiry,
        i.planned_at
 FROM holds h CROSS JOIN instant i
-WHERE h.id = ANY(%(hold_ids)s)
+WHERE h.id = ANY(%(hold_ids)b::uuid[])
 """
 
 # The trees' allocations, each in the grants' draw order (HOLD_CAPTURE's `allocation`).
 BATCH_CAPTURE_ALLOCATIONS: LiteralString = """
 SELECT f.user_id, f.root_id, f.grant_id, f.amount
 FROM hold_funding f JOIN grants g ON g.user_id = f.user_id AND g.id = f.grant_id
-WHERE (f.user_id, f.root_id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)s))
+WHERE (f.user_id, f.root_id) IN (SELECT h.user_id, h.root_id FROM holds h WHERE h.id = ANY(%(hold_ids)b::uuid[]))
   AND f.amount > 0
 ORDER BY f.user_id, f.root_id, g.priority, g.expires_at NULLS LAST, g.created_at, g.id
 """
@@ -434,7 +434,7 @@ ORDER BY f.user_id, f.root_id, g.priority, g.expires_at NULLS LAST, g.created_at
 # The batch's Idempotency-Keys that the hold's user has already spent (on any ledger row).
 BATCH_CAPTURE_KEYS: LiteralString = """
 SELECT k.hold_id, k.idempotency_key
-FROM unnest(%(key_hold_ids)b::uuid[], %(idempotency_keys)b::text[]) AS k(hold_id, idempotency_key)
+FROM json_to_recordset(%(keys)s::json) AS k(hold_id uuid, idempotency_key text)
 JOIN holds h ON h.id = k.hold_id
 JOIN transactions t ON t.user_id = h.user_id AND t.idempotency_key = k.idempotency_key
 """
@@ -445,17 +445,15 @@ JOIN transactions t ON t.user_id = h.user_id AND t.idempotency_key = k.idempoten
 BATCH_CAPTURE_APPLY: LiteralString = f"""
 WITH planned AS (
     SELECT *
-    FROM unnest(%(user_ids)b::uuid[], %(seqs)b::bigint[], %(amounts)b::bigint[], %(balances_after)b::bigint[],
-                %(descriptions)b::text[], %(metadata)b::text[], %(idempotency_keys)b::text[],
-                %(request_hashes)b::bytea[], %(event_seqs)b::bigint[], %(posted_by)b::text[],
-                %(request_ids)b::text[], %(fundings)b::text[], %(hold_ids)b::uuid[])
-         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
-              posted_by, request_id, funding, hold_id)
+    FROM json_to_recordset(%(captures)s::json)
+         AS p(user_id uuid, seq bigint, amount bigint, balance_after bigint, description text, metadata jsonb,
+              idempotency_key text, request_hash text, event_seq bigint, posted_by text, request_id text,
+              funding jsonb, hold_id uuid)
 ),
 inserted AS (
     INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id, created_at)
-    SELECT user_id, seq, 'capture', -amount, balance_after, description, metadata::jsonb, idempotency_key,
-           request_hash, posted_by, request_id, funding::jsonb, hold_id, %(planned_at)s
+    SELECT user_id, seq, 'capture', -amount, balance_after, description, metadata, idempotency_key,
+           decode(request_hash, 'hex'), posted_by, request_id, funding, hold_id, %(planned_at)s
     FROM planned
     ORDER BY user_id, seq
     RETURNING {LEDGER_RETURNING}, seq
@@ -472,21 +470,18 @@ accounts_captured AS (
     UPDATE accounts a
     SET balance = s.balance, held = s.held, last_seq = s.last_seq, last_event_seq = s.last_event_seq,
         low_balance_armed = s.armed, {txid_set("a.")}, updated_at = %(planned_at)s
-    FROM unnest(%(account_ids)b::uuid[], %(account_balances)b::bigint[], %(account_held)b::bigint[],
-                %(account_last_seqs)b::bigint[], %(account_last_event_seqs)b::bigint[], %(account_armed)b::boolean[])
-         AS s(user_id, balance, held, last_seq, last_event_seq, armed)
+    FROM json_to_recordset(%(accounts)s::json)
+         AS s(user_id uuid, balance bigint, held bigint, last_seq bigint, last_event_seq bigint, armed boolean)
     WHERE a.user_id = s.user_id
 ),
 holds_captured AS (
     UPDATE holds h SET remaining = s.remaining, captured = s.captured, updated_at = %(planned_at)s
-    FROM unnest(%(hold_user_ids)b::uuid[], %(hold_ids_changed)b::uuid[], %(hold_remaining)b::bigint[],
-                %(hold_captured)b::bigint[]) AS s(user_id, id, remaining, captured)
+    FROM json_to_recordset(%(holds)s::json) AS s(user_id uuid, id uuid, remaining bigint, captured bigint)
     WHERE h.user_id = s.user_id AND h.id = s.id
 ),
 allocations_spent AS (
     UPDATE hold_funding f SET amount = s.amount
-    FROM unnest(%(allocation_user_ids)b::uuid[], %(allocation_root_ids)b::uuid[], %(allocation_grant_ids)b::uuid[],
-                %(allocation_amounts)b::bigint[]) AS s(user_id, root_id, grant_id, amount)
+    FROM json_to_recordset(%(allocations)s::json) AS s(user_id uuid, root_id uuid, grant_id uuid, amount bigint)
     WHERE f.user_id = s.user_id AND f.root_id = s.root_id AND f.grant_id = s.grant_id
 )
 SELECT user_id, seq, id FROM inserted

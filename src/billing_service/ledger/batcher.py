@@ -26,7 +26,6 @@ down, falls back to `ledger.charge`, the single-statement path: one bad charge n
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -34,7 +33,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from billing_service.coalescing import WriteCoalescer, resolve
+from billing_service.coalescing import WriteCoalescer, json_rows, resolve
 from billing_service.db import confirm_replicated
 from billing_service.errors import (
     AccountNotFound,
@@ -93,7 +92,7 @@ class _Event:
     user_id: UUID
     seq: int
     type: str
-    data: str
+    data: dict[str, Any]
 
 
 class ChargeBatcher(WriteCoalescer[_Charge]):
@@ -147,20 +146,24 @@ class ChargeBatcher(WriteCoalescer[_Charge]):
         async with self._pool.connection() as conn, conn.pipeline() as pipeline:
             async with conn.transaction():
                 locked = await conn.execute(sql.BATCH_LOCK_ACCOUNTS, {"user_ids": user_ids})
-                clock = await conn.execute(sql.BATCH_PLANNED_AT)
-                existing = await conn.execute(
-                    sql.BATCH_EXISTING_KEYS,
+                after_locks = await conn.execute(
+                    sql.BATCH_PLANNED_AT_AND_KEYS,
                     {
-                        "user_ids": [item.user_id for item in keyed],
-                        "idempotency_keys": [item.idempotency_key for item in keyed],
+                        "keys": json_rows(
+                            {"user_id": item.user_id, "idempotency_key": item.idempotency_key} for item in keyed
+                        )
                     },
                 )
                 await pipeline.sync()
                 accounts = {row[0]: _Account(*row[1:]) for row in await locked.fetchall()}
-                planned_at = (await clock.fetchone() or (None,))[0]
+                planned_at, spent = await after_locks.fetchone() or (None, None)
                 for account in accounts.values():
                     account.grants_due = account.next_expiry is not None and account.next_expiry <= planned_at
-                stored = {(row[0], row[1]): row[2:] for row in await existing.fetchall()}
+                # (user_id, key) -> (transaction id, balance_after, request hash) of the rows that spent them
+                stored = {
+                    (UUID(user_id), key): (UUID(transaction_id), balance_after, bytes.fromhex(digest))
+                    for user_id, key, transaction_id, balance_after, digest in spent or ()
+                }
                 other_events: list[_Event] = []
                 planned = _plan(batch, accounts, stored, outcomes, other_events)
                 inserted = None
@@ -240,7 +243,7 @@ def _plan(
                 account.last_event_seq += 1
                 data = {"user_id": str(item.user_id), "operation": "charge", "requested": item.amount}
                 other_events.append(
-                    _Event(item.user_id, account.last_event_seq, "balance.depleted", _json(data, account))
+                    _Event(item.user_id, account.last_event_seq, "balance.depleted", _data(data, account))
                 )
     return planned
 
@@ -263,9 +266,9 @@ def _draw(slots: list[dict[str, Any]], amount: int) -> list[dict[str, Any]]:
     return funding
 
 
-def _json(data: dict[str, Any], account: _Account) -> str:
+def _data(data: dict[str, Any], account: _Account) -> dict[str, Any]:
     available = account.balance - account.held
-    return json.dumps({**data, "available": available, "balance": account.balance, "held": account.held})
+    return {**data, "available": available, "balance": account.balance, "held": account.held}
 
 
 def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event]) -> None:
@@ -279,40 +282,50 @@ def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event
         account.last_event_seq += 1
         account.low_balance_event_seq = account.last_event_seq
         data = {"user_id": str(user_id), "threshold": threshold}
-        other_events.append(_Event(user_id, account.last_event_seq, "balance.low", _json(data, account)))
+        other_events.append(_Event(user_id, account.last_event_seq, "balance.low", _data(data, account)))
     elif available >= threshold:
         account.low_balance_armed = True
 
 
 def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_events: list[_Event]) -> dict[str, Any]:
-    changed = [(user_id, account) for user_id, account in accounts.items() if account.changed]
     return {
         "events": events.enabled,
-        "event_seqs": [item.event_seq for item in planned],
-        "event_user_ids": [event.user_id for event in other_events],
-        "event_seqs_other": [event.seq for event in other_events],
-        "event_types": [event.type for event in other_events],
-        "event_data": [event.data for event in other_events],
-        "account_ids": [user_id for user_id, _ in changed],
-        "account_balances": [account.balance for _, account in changed],
-        "account_last_seqs": [account.last_seq for _, account in changed],
-        "account_last_event_seqs": [account.last_event_seq for _, account in changed],
-        "account_armed": [account.low_balance_armed for _, account in changed],
-        "account_low_event_seqs": [account.low_balance_event_seq for _, account in changed],
-        "account_depleted": [account.depleted_notified for _, account in changed],
-        "account_dropped": [account.loaded_slots - len(account.slots) for _, account in changed],
-        "account_first_remaining": [account.slots[0]["remaining"] if account.slots else None for _, account in changed],
-        "user_ids": [item.user_id for item in planned],
-        "seqs": [item.seq for item in planned],
-        "amounts": [item.amount for item in planned],
-        "balances_after": [item.balance_after for item in planned],
-        "descriptions": [item.description for item in planned],
-        "metadata": [json.dumps(item.metadata) if item.metadata is not None else None for item in planned],
-        "idempotency_keys": [item.idempotency_key for item in planned],
-        "request_hashes": [item.request_hash if item.idempotency_key is not None else None for item in planned],
-        "posted_by": [item.posted_by for item in planned],
-        "request_ids": [item.request_id for item in planned],
-        "fundings": [json.dumps(item.funding) for item in planned],
+        "charges": json_rows(
+            {
+                "user_id": item.user_id,
+                "seq": item.seq,
+                "amount": item.amount,
+                "balance_after": item.balance_after,
+                "description": item.description,
+                "metadata": item.metadata,
+                "idempotency_key": item.idempotency_key,
+                "request_hash": item.request_hash.hex() if item.idempotency_key is not None else None,
+                "event_seq": item.event_seq,
+                "posted_by": item.posted_by,
+                "request_id": item.request_id,
+                "funding": item.funding,
+            }
+            for item in planned
+        ),
+        "other_events": json_rows(
+            {"user_id": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
+            for event in other_events
+        ),
+        "accounts": json_rows(
+            {
+                "user_id": user_id,
+                "balance": account.balance,
+                "last_seq": account.last_seq,
+                "last_event_seq": account.last_event_seq,
+                "armed": account.low_balance_armed,
+                "low_event_seq": account.low_balance_event_seq,
+                "depleted": account.depleted_notified,
+                "dropped": account.loaded_slots - len(account.slots),
+                "first_remaining": account.slots[0]["remaining"] if account.slots else None,
+            }
+            for user_id, account in accounts.items()
+            if account.changed
+        ),
     }
 
 

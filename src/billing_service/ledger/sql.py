@@ -418,27 +418,29 @@ def filtered_history(base: LiteralString, filters: Iterable[str]) -> LiteralStri
 # ---------------------------------------------------------------------------------------------------------
 # Batched charges (batcher.py): one transaction for many charges, decided in Python under the row locks.
 
-# The batch statements take their arrays in binary (%b): text arrays cost the batcher more to quote than the
-# statements cost PostgreSQL to run (py-spy, docs/performance.md).
+# The batch's rows reach PostgreSQL as one JSON document each (json_to_recordset): the batcher encodes a batch
+# in one msgspec call (~5 µs) where psycopg's array dumpers spent ~300 µs of Python on a batch's 25 arrays, and
+# PostgreSQL parses a document as cheaply as it receives an array (docs/performance.md, round five). Request
+# hashes travel as hex. The lock keeps a binary array: ANY() over an array is what uses the primary key.
 
 # Sorted, so every batch takes its locks in the same order and two batches can never deadlock.
 BATCH_LOCK_ACCOUNTS: LiteralString = """
 SELECT user_id, balance, held, last_seq, last_event_seq, low_balance_threshold, low_balance_armed,
        low_balance_event_seq, depleted_notified, next_expiry, to_jsonb(grants)
 FROM accounts
-WHERE user_id = ANY(%(user_ids)s)
+WHERE user_id = ANY(%(user_ids)b::uuid[])
 ORDER BY user_id
 FOR UPDATE
 """
 
-# The batch's instant, taken after the locks: its charges are decided (and their rows stamped) as of it.
-BATCH_PLANNED_AT: LiteralString = "SELECT clock_timestamp()"
-
-# A separate statement after the locks, so its snapshot sees keys committed by whoever held them before us.
-BATCH_EXISTING_KEYS: LiteralString = """
-SELECT t.user_id, t.idempotency_key, t.id, t.balance_after, t.request_hash
-FROM unnest(%(user_ids)b::uuid[], %(idempotency_keys)b::text[]) AS k(user_id, idempotency_key)
-JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key
+# After the locks, in one statement: the batch's instant (its charges are decided, and their rows stamped, as of
+# it) and the keys already spent, in a snapshot that sees whatever the lock's previous holders committed.
+BATCH_PLANNED_AT_AND_KEYS: LiteralString = """
+SELECT clock_timestamp(),
+       (SELECT json_agg(json_build_array(t.user_id, t.idempotency_key, t.id, t.balance_after,
+                                         encode(t.request_hash, 'hex')))
+        FROM json_to_recordset(%(keys)s::json) AS k(user_id uuid, idempotency_key text)
+        JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key)
 """
 
 # The plan was computed from the locked rows, so setting each account's final state is exact; the CHECK
@@ -448,19 +450,17 @@ JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempoten
 BATCH_APPLY: LiteralString = f"""
 WITH planned AS (
     SELECT *
-    FROM unnest(%(user_ids)b::uuid[], %(seqs)b::bigint[], %(amounts)b::bigint[], %(balances_after)b::bigint[],
-                %(descriptions)b::text[], %(metadata)b::text[], %(idempotency_keys)b::text[],
-                %(request_hashes)b::bytea[], %(event_seqs)b::bigint[], %(posted_by)b::text[],
-                %(request_ids)b::text[], %(fundings)b::text[])
-         AS p(user_id, seq, amount, balance_after, description, metadata, idempotency_key, request_hash, event_seq,
-              posted_by, request_id, funding)
+    FROM json_to_recordset(%(charges)s::json)
+         AS p(user_id uuid, seq bigint, amount bigint, balance_after bigint, description text, metadata jsonb,
+              idempotency_key text, request_hash text, event_seq bigint, posted_by text, request_id text,
+              funding jsonb)
 ),
 inserted AS (
     INSERT INTO transactions
         (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash,
          posted_by, request_id, funding, created_at)
-    SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata::jsonb, idempotency_key,
-           request_hash, posted_by, request_id, funding::jsonb, %(planned_at)s
+    SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata, idempotency_key,
+           decode(request_hash, 'hex'), posted_by, request_id, funding, %(planned_at)s
     FROM planned
     ORDER BY user_id, seq
     RETURNING {LEDGER_RETURNING}, seq
@@ -473,9 +473,8 @@ outbox AS (
     JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
     WHERE %(events)s
     UNION ALL
-    SELECT e.user_id, e.seq, e.type, e.data::json, greatest(a.last_event_txid, pg_current_xact_id())
-    FROM unnest(%(event_user_ids)b::uuid[], %(event_seqs_other)b::bigint[], %(event_types)b::text[],
-                %(event_data)b::text[]) AS e(user_id, seq, type, data)
+    SELECT e.user_id, e.seq, e.type, e.data, greatest(a.last_event_txid, pg_current_xact_id())
+    FROM json_to_recordset(%(other_events)s::json) AS e(user_id uuid, seq bigint, type text, data json)
     JOIN accounts a ON a.user_id = e.user_id
 ),
 updated AS (
@@ -494,11 +493,9 @@ updated AS (
                           a.grants[s.dropped + 2:]) END,
         next_expiry = CASE WHEN s.dropped > 0 THEN billing_next_expiry(a.grants[s.dropped + 1:]) ELSE a.next_expiry END,
         updated_at = %(planned_at)s
-    FROM unnest(%(account_ids)b::uuid[], %(account_balances)b::bigint[], %(account_last_seqs)b::bigint[],
-                %(account_last_event_seqs)b::bigint[], %(account_armed)b::boolean[],
-                %(account_low_event_seqs)b::bigint[], %(account_depleted)b::boolean[],
-                %(account_dropped)b::int[], %(account_first_remaining)b::bigint[])
-         AS s(user_id, balance, last_seq, last_event_seq, armed, low_event_seq, depleted, dropped, first_remaining)
+    FROM json_to_recordset(%(accounts)s::json)
+         AS s(user_id uuid, balance bigint, last_seq bigint, last_event_seq bigint, armed boolean,
+              low_event_seq bigint, depleted boolean, dropped int, first_remaining bigint)
     WHERE a.user_id = s.user_id
 )
 SELECT user_id, seq, id FROM inserted

@@ -18,7 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from billing_service.errors import DATABASE_DOWN
+from billing_service.errors import DATABASE_DOWN, BillingError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class _Write(_Awaited, Protocol):
     """A write a batch may hand to the one-at-a-time path instead of deciding it."""
 
     fallback: bool
+    committed: bool  # its row is written: it must never be decided again
 
 
 Item = TypeVar("Item", bound=_Awaited)
@@ -116,11 +117,11 @@ class Coalescer(Generic[Item]):
 
 
 class WriteCoalescer(Coalescer[WriteItem]):
-    """A batcher of writes. `_apply` decides in one transaction what it can decide exactly, answers those items
-    once it has committed, and marks the others `fallback`; each of those is then decided alone by `_single`,
-    the write's one-at-a-time path, which answers every case the batch does not. A batch that fails as a whole
-    for another reason than the database being down hands all its items to `_single`: one odd write never fails
-    its neighbours."""
+    """A batcher of writes. `_apply` decides in one transaction what it can decide exactly, marks those items
+    `committed` once its commit returns and answers them, and marks the others `fallback`; each of those is then
+    decided alone by `_single`, the write's one-at-a-time path, which answers every case the batch does not. A
+    batch that fails as a whole for another reason than the database being down hands all its uncommitted items
+    to `_single`: one odd write never fails its neighbours, and no write is ever decided twice."""
 
     async def _settle(self, batch: list[WriteItem]) -> None:
         try:
@@ -129,8 +130,14 @@ class WriteCoalescer(Coalescer[WriteItem]):
             fail(batch, exc)
             return
         except Exception:  # noqa: BLE001 - e.g. a unique violation from a key race: decide each one alone
+            if any(item.committed for item in batch):
+                log.exception("a batch failed after its commit")
             for item in batch:
-                item.fallback = True
+                if item.committed:
+                    # Deciding it again could post it twice. Its client, unanswered, retries with its key: a replay.
+                    resolve(item, BillingError("Internal error.", code="internal_error", status_code=500))
+                else:
+                    item.fallback = True
         fallbacks = [item for item in batch if item.fallback]
         if fallbacks:
             self.stats.fallbacks += len(fallbacks)

@@ -60,6 +60,7 @@ class _Capture:
     funding: list[dict[str, Any]] = field(default_factory=list)
     hold: holds.Hold | None = None
     fallback: bool = False
+    committed: bool = False
 
 
 @dataclass
@@ -176,6 +177,8 @@ class CaptureBatcher(WriteCoalescer[_Capture]):
                     params = _apply_params(planned, accounts, states, trees)
                     inserted = await conn.execute(sql.BATCH_CAPTURE_APPLY, {**params, "planned_at": planned_at})
             await pipeline.sync()
+            for item in planned:
+                item.committed = True
             ids = {(row[0], row[1]): row[2] for row in await inserted.fetchall()} if inserted else {}
         for item in planned:
             assert item.hold is not None and item.user_id is not None

@@ -65,6 +65,7 @@ class _Charge:
     funding: list[dict[str, Any]] = field(default_factory=list)
     replay_of: _Charge | None = None
     fallback: bool = False
+    committed: bool = False
 
 
 @dataclass
@@ -171,6 +172,8 @@ class ChargeBatcher(WriteCoalescer[_Charge]):
                     params = _apply_params(planned, accounts, other_events)
                     inserted = await conn.execute(sql.BATCH_APPLY, {**params, "planned_at": planned_at})
             await pipeline.sync()
+            for item in planned:
+                item.committed = True
             ids = {(row[0], row[1]): row[2] for row in await inserted.fetchall()} if inserted else {}
             if stored and inserted is None:
                 # Only replays, and nothing written whose commit would have waited for the synchronous

@@ -27,8 +27,9 @@ import pytest
 from conftest import LiveServer, fund, ledger_state, start_server, stop_server
 from test_metrics import scrape_until, value
 
-# Each worker's pool is kept small: the suite's other servers share the database server's connection limit.
-_SMALL_POOL = {"BILLING_POOL_MAX_SIZE": "8"}
+# Small pools and no dispatcher: these servers share the database server's connection limit (100 by default)
+# with the suite's session server, and nothing here needs webhooks or the sweeper (the single path sweeps).
+_SMALL_POOL = {"BILLING_POOL_MAX_SIZE": "6", "BILLING_DISPATCHER": "false"}
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ committing (up to `batch_max_size`) and settles them in one transaction of two r
 Only the plain capture is decided here: not final, no overrun, the hold active and live with enough remaining,
 nothing due in its tree or account, and a key not seen before. Anything else (a refusal, a replay, an expired
 lease to sweep, a grant to expire first) goes to `holds.capture`, the single-capture path, after the batch
-has committed, and so does every capture of a batch that fails for a reason other than the database being
-down: one odd capture never fails its neighbours, and every answer but the plain one comes from the one
-implementation of the contract. A capture is acknowledged only after its batch commits.
+has committed, and so does every capture of a batch that fails before its commit for a reason other than the
+database being down (coalescing.WriteCoalescer): one odd capture never fails its neighbours, and every answer
+but the plain one comes from the one implementation of the contract. A capture is acknowledged only after its
+batch commits.
 """
 
 from __future__ import annotations

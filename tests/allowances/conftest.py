@@ -1,5 +1,6 @@
 """Allowance tests: a quiet database (migrated, no server, so no dispatcher grants behind a test's back) for
-the granter's races and comebacks, and a server whose dispatcher grants every 0.2 s for period boundaries."""
+the granter's races and comebacks, and a server whose dispatcher grants every 0.2 s for period boundaries; both
+package-scoped, so their connections are gone before the rest of the suite starts its servers."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ GRANTING_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def quiet_database(postgres: Postgres) -> Iterator[str]:
     url = postgres.create_database()
     billing_db.migrate(url)
@@ -31,14 +32,14 @@ def quiet_database(postgres: Postgres) -> Iterator[str]:
     postgres.drop_database(url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def granting_database(postgres: Postgres) -> Iterator[str]:
     url = postgres.create_database()
     yield url
     postgres.drop_database(url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def granting_server(granting_database: str) -> Iterator[LiveServer]:
     live = start_server(granting_database, workers=2, **GRANTING_ENV)
     yield live

@@ -1,6 +1,7 @@
 """Events tests: their own database and `billing serve` (webhook deliveries are global, so no other test's
 events reach these receivers), with the dispatcher on, a compressed retry schedule and http://127.0.0.1
-receivers allowed."""
+receivers allowed. Package-scoped: the server and its connections go when the package's tests are done, so the
+rest of the suite's servers fit under PostgreSQL's connection limit."""
 
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ EVENTS_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def events_database(postgres: Postgres) -> Iterator[str]:
     url = postgres.create_database()
     yield url
     postgres.drop_database(url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def events_server(events_database: str) -> Iterator[LiveServer]:
     live = start_server(events_database, workers=2, **EVENTS_ENV)
     yield live

@@ -123,6 +123,12 @@ class WriteCoalescer(Coalescer[WriteItem]):
     batch that fails as a whole for another reason than the database being down hands all its uncommitted items
     to `_single`: one odd write never fails its neighbours, and no write is ever decided twice."""
 
+    async def _submit(self, item: WriteItem) -> Any:
+        """Queue the write and wait for its answer. Shielded: a client that disconnects must not cancel a write
+        its batch may already have committed."""
+        self._enqueue(item)
+        return await asyncio.shield(item.future)
+
     async def _settle(self, batch: list[WriteItem]) -> None:
         try:
             await self._apply(batch)

@@ -130,9 +130,8 @@ class CaptureBatcher(WriteCoalescer[_Capture]):
         item.request_hash = holds.capture_hash(
             hold_id=hold_id, amount=amount, description=description, metadata=metadata
         )
-        self._enqueue(item)
-        # shield: a client that disconnects must not cancel a capture its batch may already have committed.
-        return await asyncio.shield(item.future)
+        captured: holds.Capture = await self._submit(item)
+        return captured
 
     async def _single(self, item: _Capture) -> holds.Capture:
         return await holds.capture(
@@ -267,7 +266,7 @@ def _apply_params(
 ) -> dict[str, Any]:
     return {
         "events": events.enabled,
-        "captures": json_rows(
+        "rows": json_rows(
             {
                 "user_id": item.user_id,
                 "seq": item.seq,

@@ -28,11 +28,13 @@ from billing_service.events.sql import (
     txid_set,
 )
 from billing_service.ledger.sql import (
+    BATCH_POSTED_EVENTS,
     DRAW_SET,
     EXISTING_TRANSACTION,
     IDEMPOTENT_REPLAY,
     LEDGER_ROW_COLUMNS,
     NOTHING_DUE,
+    batch_ledger_rows,
 )
 
 __all__ = ["IDEMPOTENT_REPLAY"]  # a capture's key race replays from the ledger row
@@ -443,28 +445,10 @@ JOIN transactions t ON t.user_id = h.user_id AND t.idempotency_key = k.idempoten
 # locked rows, and the new values of the accounts, holds and allocations the plan computed. Every row written
 # here is locked by the statements above, so the plan's values are what the rows become.
 BATCH_CAPTURE_APPLY: LiteralString = f"""
-WITH planned AS (
-    SELECT *
-    FROM json_to_recordset(%(captures)s::json)
-         AS p(user_id uuid, seq bigint, amount bigint, balance_after bigint, description text, metadata jsonb,
-              idempotency_key text, request_hash text, event_seq bigint, posted_by text, request_id text,
-              funding jsonb, hold_id uuid)
-),
-inserted AS (
-    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id, created_at)
-    SELECT user_id, seq, 'capture', -amount, balance_after, description, metadata, idempotency_key,
-           decode(request_hash, 'hex'), posted_by, request_id, funding, hold_id, %(planned_at)s
-    FROM planned
-    ORDER BY user_id, seq
-    RETURNING {LEDGER_RETURNING}, seq
-),
+WITH {batch_ledger_rows("capture")},
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
-           greatest(a.last_event_txid, pg_current_xact_id())
-    FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
-    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
-    WHERE %(events)s
+    {BATCH_POSTED_EVENTS}
 ),
 accounts_captured AS (
     UPDATE accounts a

@@ -124,9 +124,8 @@ class ChargeBatcher(WriteCoalescer[_Charge]):
             posted_by,
             request_id,
         )
-        self._enqueue(item)
-        # shield: a client that disconnects must not cancel a charge its batch may already have committed.
-        return await asyncio.shield(item.future)
+        posted: ledger.Posted = await self._submit(item)
+        return posted
 
     async def _single(self, item: _Charge) -> ledger.Posted:
         return await ledger.charge(
@@ -293,7 +292,7 @@ def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event
 def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_events: list[_Event]) -> dict[str, Any]:
     return {
         "events": events.enabled,
-        "charges": json_rows(
+        "rows": json_rows(
             {
                 "user_id": item.user_id,
                 "seq": item.seq,

@@ -443,35 +443,44 @@ SELECT clock_timestamp(),
         JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.idempotency_key)
 """
 
+
+def batch_ledger_rows(row_type: LiteralString) -> LiteralString:
+    """The CTEs `planned` (a batch's ledger rows as its plan numbered them, from the JSON document %(rows)s: one
+    object per row, hold_id only on captures) and `inserted` (those rows, of type `row_type`, stamped with the
+    batch's instant), for the charge and capture batchers' apply statements."""
+    return f"""planned AS (
+    SELECT *
+    FROM json_to_recordset(%(rows)s::json)
+         AS p(user_id uuid, seq bigint, amount bigint, balance_after bigint, description text, metadata jsonb,
+              idempotency_key text, request_hash text, event_seq bigint, posted_by text, request_id text,
+              funding jsonb, hold_id uuid)
+),
+inserted AS (
+    INSERT INTO transactions ({LEDGER_ROW_COLUMNS}, hold_id, created_at)
+    SELECT user_id, seq, '{row_type}', -amount, balance_after, description, metadata, idempotency_key,
+           decode(request_hash, 'hex'), posted_by, request_id, funding, hold_id, %(planned_at)s
+    FROM planned
+    ORDER BY user_id, seq
+    RETURNING {LEDGER_RETURNING}, seq
+)"""
+
+
+# The SELECT of the batch's transaction.posted events, one per inserted row at the event seq the plan gave it.
+BATCH_POSTED_EVENTS: LiteralString = f"""SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
+           greatest(a.last_event_txid, pg_current_xact_id())
+    FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
+    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
+    WHERE %(events)s"""
+
 # The plan was computed from the locked rows, so setting each account's final state is exact; the CHECK
 # constraints and `billing audit` would catch a plan that broke the chain. The outbox rides along: each ledger
 # row's transaction.posted (at the event seq the plan gave it), and the plan's other events (balance.low
 # crossings, balance.depleted), in the same statement.
 BATCH_APPLY: LiteralString = f"""
-WITH planned AS (
-    SELECT *
-    FROM json_to_recordset(%(charges)s::json)
-         AS p(user_id uuid, seq bigint, amount bigint, balance_after bigint, description text, metadata jsonb,
-              idempotency_key text, request_hash text, event_seq bigint, posted_by text, request_id text,
-              funding jsonb)
-),
-inserted AS (
-    INSERT INTO transactions
-        (user_id, seq, type, amount, balance_after, description, metadata, idempotency_key, request_hash,
-         posted_by, request_id, funding, created_at)
-    SELECT user_id, seq, 'debit', -amount, balance_after, description, metadata, idempotency_key,
-           decode(request_hash, 'hex'), posted_by, request_id, funding, %(planned_at)s
-    FROM planned
-    ORDER BY user_id, seq
-    RETURNING {LEDGER_RETURNING}, seq
-),
+WITH {batch_ledger_rows("debit")},
 outbox AS (
     {EVENT_COLUMNS}
-    SELECT i.user_id, p.event_seq, 'transaction.posted', {POSTED_DATA},
-           greatest(a.last_event_txid, pg_current_xact_id())
-    FROM inserted i JOIN planned p ON p.user_id = i.user_id AND p.seq = i.seq
-    JOIN accounts a ON a.user_id = i.user_id  -- the snapshot's row: its txid before this statement
-    WHERE %(events)s
+    {BATCH_POSTED_EVENTS}
     UNION ALL
     SELECT e.user_id, e.seq, e.type, e.data, greatest(a.last_event_txid, pg_current_xact_id())
     FROM json_to_recordset(%(other_events)s::json) AS e(user_id uuid, seq bigint, type text, data json)

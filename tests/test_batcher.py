@@ -99,3 +99,46 @@ def test_same_key_with_another_body_in_one_batch_is_refused(batching_server, db)
     assert codes["ok"] == 10 and codes["idempotency_key_reused"] == 10
     balance, ledger_sum, rows = ledger_state(db, user)
     assert rows == 2 and balance == ledger_sum and balance in (995, 994)
+
+
+def test_with_the_outbox_off_a_batched_charge_rearms_the_low_balance_alert_as_the_statement_does(database_url, db):
+    """events/sql.py lowering_set re-arms balance.low whenever a debit leaves available at or above the
+    threshold, outbox on or off; the batch must leave the flag the single statement (here `billing charge`, the
+    same ledger code) leaves."""
+    live = start_server(
+        database_url,
+        workers=1,
+        BILLING_EVENTS="false",
+        BILLING_BATCH_CHARGES="true",
+        BILLING_DISPATCHER="false",
+        BILLING_POOL_MAX_SIZE="4",
+    )
+    try:
+        batched, single = uuid.uuid4(), uuid.uuid4()
+        with live.client() as http:
+            fund(http, batched, 100)
+            fund(http, single, 100)
+            # Disarmed, as a crossing while the outbox was on would have left them.
+            db.execute(
+                "UPDATE accounts SET low_balance_threshold = 50, low_balance_armed = false WHERE user_id = ANY(%s)",
+                ([batched, single],),
+            )
+            response = http.post(
+                "/billing/charge-tokens", json={"user_id": str(batched), "amount": 10, "description": "batched"}
+            )
+            assert response.status_code == 200, response.text
+        charged = subprocess.run(
+            [sys.executable, "-m", "billing_service", "charge", str(single), "10", "-d", "single"],
+            env=live.env,
+            capture_output=True,
+            text=True,
+        )
+        assert charged.returncode == 0, charged.stdout + charged.stderr
+        armed = dict(
+            db.execute(
+                "SELECT user_id, low_balance_armed FROM accounts WHERE user_id = ANY(%s)", ([batched, single],)
+            ).fetchall()
+        )
+        assert armed == {batched: True, single: True}
+    finally:
+        stop_server(live.process)

@@ -229,7 +229,7 @@ def _plan(
             if events.enabled:
                 account.last_event_seq += 1
                 item.event_seq = account.last_event_seq
-                _check_threshold(item.user_id, account, other_events)
+            _check_threshold(item.user_id, account, other_events)
             planned.append(item)
             if key is not None:
                 posted_keys[key] = item
@@ -274,12 +274,13 @@ def _data(data: dict[str, Any], account: _Account) -> dict[str, Any]:
 
 
 def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event]) -> None:
-    """The same rule as events/sql.py `lowering_set`, for one debit already applied to `account`."""
+    """The same rule as events/sql.py `lowering_set`, for one debit already applied to `account`: with the outbox
+    on, a crossing fires balance.low and disarms; on or off, available at or above the threshold re-arms."""
     threshold = account.low_balance_threshold
     if threshold is None:
         return
     available = account.balance - account.held
-    if account.low_balance_armed and available < threshold:
+    if events.enabled and account.low_balance_armed and available < threshold:
         account.low_balance_armed = False
         account.last_event_seq += 1
         account.low_balance_event_seq = account.last_event_seq

@@ -38,6 +38,7 @@ from billing_service.coalescing import WriteCoalescer, json_rows, resolve
 from billing_service.events import config as events
 from billing_service.holds import rules as holds
 from billing_service.holds import sql
+from billing_service.ledger.batcher import ledger_row
 
 
 @dataclass
@@ -266,25 +267,13 @@ def _apply_params(
 ) -> dict[str, Any]:
     return {
         "events": events.enabled,
+        # HOLD_CAPTURE's coalesce(description, the hold's): a capture without one is described by its hold.
         "rows": json_rows(
-            {
-                "user_id": item.user_id,
-                "seq": item.seq,
-                "amount": item.amount,
-                "balance_after": item.balance_after,
-                # HOLD_CAPTURE's coalesce(description, the hold's): a capture without one is described by its hold.
-                "description": item.description
-                if item.description is not None
-                else states[item.hold_id].hold.description,
-                "metadata": item.metadata,
-                "idempotency_key": item.idempotency_key,
-                "request_hash": item.request_hash.hex() if item.idempotency_key is not None else None,
-                "event_seq": item.event_seq,
-                "posted_by": item.posted_by,
-                "request_id": item.request_id,
-                "funding": item.funding,
-                "hold_id": item.hold_id,
-            }
+            ledger_row(
+                item,
+                description=item.description if item.description is not None else states[item.hold_id].hold.description,
+                hold_id=item.hold_id,
+            )
             for item in planned
         ),
         "accounts": json_rows(

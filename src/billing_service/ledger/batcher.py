@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
@@ -290,26 +290,56 @@ def _check_threshold(user_id: UUID, account: _Account, other_events: list[_Event
         account.low_balance_armed = True
 
 
+class PlannedRow(Protocol):
+    """A write a batch planned: what its ledger row needs (a charge here, a capture in holds/batcher.py)."""
+
+    @property
+    def user_id(self) -> UUID | None: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def balance_after(self) -> int: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+    @property
+    def idempotency_key(self) -> str | None: ...
+    @property
+    def request_hash(self) -> bytes: ...
+    @property
+    def event_seq(self) -> int: ...
+    @property
+    def posted_by(self) -> str | None: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def funding(self) -> list[dict[str, Any]]: ...
+
+
+def ledger_row(item: PlannedRow, *, description: str, hold_id: UUID | None = None) -> dict[str, Any]:
+    """One object of the %(rows)s document that ledger/sql.py `batch_ledger_rows` reads: the row as planned."""
+    return {
+        "user_id": item.user_id,
+        "seq": item.seq,
+        "amount": item.amount,
+        "balance_after": item.balance_after,
+        "description": description,
+        "metadata": item.metadata,
+        "idempotency_key": item.idempotency_key,
+        "request_hash": item.request_hash.hex() if item.idempotency_key is not None else None,
+        "event_seq": item.event_seq,
+        "posted_by": item.posted_by,
+        "request_id": item.request_id,
+        "funding": item.funding,
+        "hold_id": hold_id,
+    }
+
+
 def _apply_params(planned: list[_Charge], accounts: dict[UUID, _Account], other_events: list[_Event]) -> dict[str, Any]:
     return {
         "events": events.enabled,
-        "rows": json_rows(
-            {
-                "user_id": item.user_id,
-                "seq": item.seq,
-                "amount": item.amount,
-                "balance_after": item.balance_after,
-                "description": item.description,
-                "metadata": item.metadata,
-                "idempotency_key": item.idempotency_key,
-                "request_hash": item.request_hash.hex() if item.idempotency_key is not None else None,
-                "event_seq": item.event_seq,
-                "posted_by": item.posted_by,
-                "request_id": item.request_id,
-                "funding": item.funding,
-            }
-            for item in planned
-        ),
+        "rows": json_rows(ledger_row(item, description=item.description) for item in planned),
         "other_events": json_rows(
             {"user_id": event.user_id, "seq": event.seq, "type": event.type, "data": event.data}
             for event in other_events

@@ -218,6 +218,32 @@ def test_billing_audit_catches_a_corrupted_grant(server, client, db, user_id):
     assert grant_problems(db, user_id) == []
 
 
+def test_the_audit_checks_each_grants_amount_against_the_row_that_brought_it(client, db, user_id):
+    paid = grant(client, user_id, 60)
+    assert charge(client, user_id, 15).status_code == 200
+    assert grant_problems(db, user_id) == []
+    # Only the grant's amount changes: it looks partly spent, and every slot and ledger check still agrees.
+    db.execute("UPDATE grants SET amount = 70 WHERE id = %s", (paid,))
+    # A grant that no ledger row ever brought, empty: its slot and reservations are all zero.
+    stray = db.execute(
+        "INSERT INTO grants (user_id, amount, priority, category, source) VALUES (%s, 5, 50, 'paid', 'credit')"
+        " RETURNING id",
+        (user_id,),
+    ).fetchone()[0]
+    try:
+        assert sorted(grant_problems(db, user_id), key=str) == sorted(
+            [
+                (user_id, uuid.UUID(paid), "its credit row brought 60 but its amount is 70"),
+                (user_id, stray, "no credit or refund row brought its amount 5"),
+            ],
+            key=str,
+        )
+    finally:
+        db.execute("DELETE FROM grants WHERE id = %s", (stray,))
+        db.execute("UPDATE grants SET amount = 60 WHERE id = %s", (paid,))
+    assert grant_problems(db, user_id) == []
+
+
 def test_every_write_after_an_expiry_comes_after_its_expiry_row(client, db, user_id):
     grant(client, user_id, 100)
     moment = at(1.0)

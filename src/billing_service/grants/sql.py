@@ -193,7 +193,9 @@ WHERE g.id = %(grant_id)s
 # Grant accounting, for `billing audit`: one row per problem, in one snapshot. Run without parameters.
 # - per account: the slots hold exactly balance - held, and the hold trees' allocations exactly held;
 # - per grant: slot remaining + reserved = what the ledger rows moved into it minus what they took out
-#   (a credit's row puts its amount in; debits, captures, expiries and voids take out; refunds put back).
+#   (a credit's row puts its amount in; debits, captures, expiries and voids take out; refunds put back);
+# - per grant but the opening one: the first credit or refund row that names it brought exactly its amount (the
+#   checks above cannot see a grant whose amount says more than ever came in: it only looks partly spent).
 GRANT_AUDIT: LiteralString = """
 WITH slots AS (
     SELECT a.user_id, s.grant_id, s.remaining
@@ -208,14 +210,23 @@ moved AS (
     WHERE t.funding IS NOT NULL
     GROUP BY 1, 2
 ),
+founded AS (
+    SELECT DISTINCT ON (t.user_id, (f ->> 'grant_id')::uuid)
+           t.user_id, (f ->> 'grant_id')::uuid AS grant_id, t.type, (f ->> 'amount')::bigint AS amount
+    FROM transactions t CROSS JOIN jsonb_array_elements(t.funding) AS f
+    WHERE t.funding IS NOT NULL AND t.type IN ('credit', 'refund')
+    ORDER BY t.user_id, (f ->> 'grant_id')::uuid, t.seq
+),
 per_grant AS (
     SELECT g.user_id, g.id, g.amount, g.source, coalesce(s.remaining, 0) AS remaining,
-           coalesce(r.amount, 0) AS reserved, coalesce(m.amount, 0) AS moved
+           coalesce(r.amount, 0) AS reserved, coalesce(m.amount, 0) AS moved,
+           fo.type AS founded_by, fo.amount AS founded_with
     FROM grants g
     LEFT JOIN (SELECT user_id, grant_id, sum(remaining) AS remaining FROM slots GROUP BY 1, 2) s
         ON s.user_id = g.user_id AND s.grant_id = g.id
     LEFT JOIN reserved r ON r.user_id = g.user_id AND r.grant_id = g.id
     LEFT JOIN moved m ON m.user_id = g.user_id AND m.grant_id = g.id
+    LEFT JOIN founded fo ON fo.user_id = g.user_id AND fo.grant_id = g.id
 )
 SELECT a.user_id, NULL::uuid AS grant_id,
        format('grants hold %s but balance - held is %s', coalesce(s.total, 0), a.balance - a.held) AS problem
@@ -236,5 +247,11 @@ UNION ALL
 SELECT user_id, id, format('remaining %s + reserved %s is more than its amount %s', remaining, reserved, amount)
 FROM per_grant
 WHERE remaining + reserved > amount
+UNION ALL
+SELECT user_id, id, CASE WHEN founded_by IS NULL THEN format('no credit or refund row brought its amount %s', amount)
+                         ELSE format('its %s row brought %s but its amount is %s', founded_by, founded_with, amount)
+                    END
+FROM per_grant
+WHERE source <> 'opening' AND founded_with IS DISTINCT FROM amount
 ORDER BY 1, 2 NULLS FIRST
 """

@@ -27,6 +27,7 @@ def test_async_client_covers_every_endpoint(server: LiveServer, user_id: uuid.UU
             with pytest.raises(InsufficientBalance):
                 await billing.charge(user_id, 71, "too much")
             assert (await billing.balance(user_id)).balance == 70
+            assert (await billing.balance(user_id, by_category=True)).categories == {"paid": 70, "promotional": 0}
             page = await billing.transactions(user_id, limit=1)
             assert page.next_cursor is not None
             amounts = [t.amount async for t in billing.iter_transactions(user_id, page_size=1)]

@@ -136,3 +136,22 @@ def test_a_credit_expiring_in_the_past_is_refused_and_moves_nothing(
     assert (refused.value.status, refused.value.code) == (422, "expires_at_in_past")
     assert isinstance(refused.value, InvalidRequest)
     assert ledger_state(db, user_id) == (5, 5, 1)
+
+
+def test_balance_by_category_and_at_a_past_moment(billing: BillingClient, user_id: uuid.UUID) -> None:
+    billing.credit(user_id, 100, "bought")
+    billing.credit(user_id, 30, "trial", priority=10, category="promotional")
+    before_charge = datetime.now(UTC)
+    time.sleep(0.01)
+    billing.charge(user_id, 40, "agent run")  # the promotional grant first (priority 10), then 10 paid
+
+    split = billing.balance(user_id, by_category=True)
+    assert (split.balance, split.available, split.categories) == (90, 90, {"paid": 90, "promotional": 0})
+    assert billing.balance(user_id).categories is None
+
+    past = billing.balance(user_id, at=before_charge)
+    assert (past.balance, past.at, past.held) == (130, before_charge, None)
+    with pytest.raises(ValueError, match="time zone"):
+        billing.balance(user_id, at=before_charge.replace(tzinfo=None))
+    with pytest.raises(ValueError, match="category"):
+        billing.balance(user_id, at=before_charge, by_category=True)

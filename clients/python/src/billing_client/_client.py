@@ -147,7 +147,7 @@ def _posted(response: httpx.Response) -> Posted:
 
 def _account(response: httpx.Response) -> Account:
     body = _json(response)
-    next_expiry = body.get("next_expiry")
+    next_expiry, at = body.get("next_expiry"), body.get("at")
     return Account(
         user_id=UUID(body["user_id"]),
         balance=int(body["balance"]),
@@ -155,7 +155,22 @@ def _account(response: httpx.Response) -> Account:
         available=body.get("available"),
         expiring=body.get("expiring"),
         next_expiry=datetime.fromisoformat(next_expiry) if next_expiry else None,
+        categories=body.get("categories"),
+        at=datetime.fromisoformat(at) if at else None,
     )
+
+
+def _balance(user_id: UserId, by_category: bool, at: datetime | None) -> _Call[Account]:
+    if at is not None and by_category:
+        raise ValueError("a past balance (at) has no breakdown by category")
+    if at is not None and at.tzinfo is None:
+        raise ValueError("at needs a time zone, e.g. datetime.now(UTC)")
+    params: dict[str, str | int] = {}
+    if by_category:
+        params["by"] = "category"
+    if at is not None:
+        params["at"] = at.isoformat()
+    return _Call("GET", f"/billing/balance/{user_id}", _account, params=params or None)
 
 
 def _page(response: httpx.Response) -> TransactionPage:
@@ -437,9 +452,10 @@ class BillingClient(_Base):
             _Call("POST", "/billing/accounts", _account, json={"user_id": str(user_id)}, headers=_key(idempotency_key))
         )
 
-    def balance(self, user_id: UserId) -> Account:
-        """The posted balance, what holds reserve, and what is available."""
-        return self._send(_Call("GET", f"/billing/balance/{user_id}", _account))
+    def balance(self, user_id: UserId, *, by_category: bool = False, at: datetime | None = None) -> Account:
+        """The posted balance, what holds reserve, and what is available; `by_category` adds what is available
+        by grant category; `at` (with a time zone) gives the posted balance at that moment instead."""
+        return self._send(_balance(user_id, by_category, at))
 
     def transactions(self, user_id: UserId, *, limit: int = 100, cursor: str | None = None) -> TransactionPage:
         """One page of history, newest first."""
@@ -682,9 +698,10 @@ class AsyncBillingClient(_Base):
             _Call("POST", "/billing/accounts", _account, json={"user_id": str(user_id)}, headers=_key(idempotency_key))
         )
 
-    async def balance(self, user_id: UserId) -> Account:
-        """The posted balance, what holds reserve, and what is available."""
-        return await self._send(_Call("GET", f"/billing/balance/{user_id}", _account))
+    async def balance(self, user_id: UserId, *, by_category: bool = False, at: datetime | None = None) -> Account:
+        """The posted balance, what holds reserve, and what is available; `by_category` adds what is available
+        by grant category; `at` (with a time zone) gives the posted balance at that moment instead."""
+        return await self._send(_balance(user_id, by_category, at))
 
     async def transactions(self, user_id: UserId, *, limit: int = 100, cursor: str | None = None) -> TransactionPage:
         """One page of history, newest first."""

@@ -36,6 +36,8 @@ class Account:
     `expiring` the live tokens whose grant expires within 7 days, `next_expiry` the soonest such expiry.
 
     Everything but the balance comes with `balance()`; an `open_account()` answer has only the balance.
+    `balance(by_category=True)` adds `categories` (available tokens by grant category: paid, promotional);
+    `balance(at=...)` is the posted balance at that moment, and `at`, only.
     """
 
     user_id: UUID
@@ -44,6 +46,8 @@ class Account:
     available: int | None = None
     expiring: int | None = None
     next_expiry: datetime | None = None
+    categories: dict[str, int] | None = None
+    at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,29 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# Samples the balance chart's own pixels across its width: between the line and the top must be empty, midway
+# between the line and zero must be the area's fill (a wrong fill polygon once covered part of the top).
+BALANCE_FILL_SAMPLES = """() => {
+  const chart = Chart.getChart("chart-balance");
+  const x = chart.scales.x, y = chart.scales.y, points = chart.data.datasets[0].data;
+  const ratio = chart.currentDevicePixelRatio;
+  const filled = (px, value) => {
+    const d = chart.ctx.getImageData(Math.round(px * ratio), Math.round(y.getPixelForValue(value) * ratio), 1, 1).data;
+    return d[3] > 0 && d[2] > d[0] + 100;  // the area's blue, not a grey grid line
+  };
+  const found = {samples: 0, above: 0, below: 0};
+  for (let k = 1; k < 40; k++) {
+    const t = x.min + (x.max - x.min) * k / 40;
+    let value = null;
+    for (const p of points) { if (p.x <= t) value = p.y; else break; }  // a step: the last balance so far
+    if (value === null) continue;
+    const px = x.getPixelForValue(t);
+    found.samples++;
+    for (const part of [0.25, 0.5, 0.75]) if (filled(px, value + (y.max - value) * part)) found.above++;
+    if (filled(px, value / 2)) found.below++;
+  }
+  return found;
+}"""
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "console"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -131,6 +154,8 @@ def test_service_signs_in_finds_the_account_and_sees_charts(console: Console, de
     assert page.locator("#holds li").count() >= 4  # the orchestrator, two sub-agents, a tool below one
     assert "Sub-agent: research" in page.locator("#holds").inner_text()
     assert page.locator("#events tbody tr").count() >= 5
+    plan = page.locator("#allowances tbody tr").first.inner_text()
+    assert "Team plan: monthly tokens" in plan and "200\u202f000 / month" in plan, plan
     assert SERVICE_TOKEN not in page.content()
     assert console.errors == []  # no CSP violation, no script error
     DOCS.mkdir(parents=True, exist_ok=True)
@@ -154,6 +179,8 @@ def test_user_signs_in_and_sees_only_their_own_account(
         page = phone.page
         assert page.url.endswith(f"/console/accounts/{demo_user}")
         _not_blank(page.locator("#chart-daily").screenshot())
+        fill = page.evaluate(BALANCE_FILL_SAMPLES)
+        assert fill["samples"] >= 30 and fill["above"] == 0 and fill["below"] >= fill["samples"] - 2, fill
         assert page.locator("header nav a").all_inner_texts() == ["My account"]
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(DOCS / "account-phone.png"), full_page=False)
@@ -196,7 +223,7 @@ def test_history_pages_and_filters(console: Console, demo_user: uuid.UUID) -> No
     with page.expect_navigation():
         page.click("#f-apply")
     assert set(page.locator("#history tbody td:nth-child(2)").all_inner_texts()) == {"credit"}
-    assert rows.count() == 4  # the first top-up, two more, and the launch-week bonus grant
+    assert rows.count() == 5  # the first top-up, two more, the launch-week bonus grant and the plan's month
 
     run_id = "run-live-0001"
     page.select_option("#f-type", "")

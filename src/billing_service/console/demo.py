@@ -1,10 +1,11 @@
 """`billing demo`: a realistic account, so a newcomer's first look at the console is not empty.
 
-Everything is posted through the ledger's and holds' rules (credit, charge, create_hold, carve_child,
-capture), so the balances, holds and events outbox are exactly what real traffic would leave. A month of
-agent runs is then spread over the past 31 days through `ledger.backdate_demo_rows`, a demo-only path: it
-touches only this new account's rows, with times that rise with their seq (the invariant `balance_at` relies
-on). The open holds and their captures are posted last and keep their real, current times.
+Everything is posted through the ledger's, allowances' and holds' rules (credit, charge, create_allowance,
+create_hold, carve_child, capture), so the balances, holds and events outbox are exactly what real traffic would
+leave. A month of agent runs is then spread over the past 31 days through `ledger.backdate_demo_rows`, a
+demo-only path: it touches only this new account's rows, with times that rise with their seq (the invariant
+`balance_at` relies on). The plan's month, the open holds and their captures are posted last and keep their
+real, current times.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.allowances import rules as allowances
 from billing_service.errors import AccountNotFound, InvalidRequest
 from billing_service.holds import rules as holds
 from billing_service.ledger import rules as ledger
@@ -92,6 +94,17 @@ async def seed(pool: AsyncConnectionPool, *, user_id: UUID, now: datetime | None
     # what they leave of it shows as expiring.
     bonus = ledger.GrantTerms(priority=10, category="promotional", expires_at=datetime.now(UTC) + timedelta(days=10))
     await ledger.credit(pool, user_id=user_id, amount=400_000, description="Launch week bonus", terms=bonus)
+    # A plan's monthly tokens: this month's period is granted now (one more credit row), the next on the 1st.
+    await allowances.create_allowance(
+        pool,
+        user_id=user_id,
+        amount=200_000,
+        period="month",
+        rollover=True,
+        priority=20,
+        category="promotional",
+        description="Team plan: monthly tokens",
+    )
     # Today: an orchestrator's budget with sub-agents (open), and a finished run (captured, closed).
     root, _ = await holds.create_hold(
         pool, user_id=user_id, amount=240_000, description="Orchestrator: nightly report", ttl_seconds=3600
@@ -122,4 +135,4 @@ async def seed(pool: AsyncConnectionPool, *, user_id: UUID, now: datetime | None
         final=True,
     )
     current = await ledger.balance_with_holds(pool, user_id=user_id)
-    return DemoSummary(user_id, len(stamps) + 4, runs + 2, 1, current.balance, current.held)
+    return DemoSummary(user_id, len(stamps) + 5, runs + 2, 1, current.balance, current.held)

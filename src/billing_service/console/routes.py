@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader
 from psycopg_pool import AsyncConnectionPool
 
+from billing_service.allowances import rules as allowances
 from billing_service.console import sessions
 from billing_service.console.sessions import Session
 from billing_service.errors import AccountNotFound, BillingError, HoldNotFound
@@ -357,6 +358,10 @@ async def account(request: Request, user_id: UUID) -> Response:
         return _signed_in_elsewhere(request, session, "No account with that user id.", 404)
     trees = await _hold_trees(pool, user_id)
     live_grants = await grants_rules.live_grants(pool, user_id=user_id)
+    # Running ones first; a stopped one still shows what it granted last.
+    account_allowances = sorted(
+        await allowances.user_allowances(pool, user_id=user_id), key=lambda a: (a.stopped_at is not None, a.created_at)
+    )
     recent_events = [json.loads(row) for row in await events.recent(pool, user_id=user_id, limit=15)]
     kept = {name: value for name, value in shown.items() if value}
     return _page(
@@ -373,6 +378,7 @@ async def account(request: Request, user_id: UUID) -> Response:
         older=f"?{urlencode({**kept, 'cursor': next_cursor})}" if next_cursor else None,
         newest=f"?{urlencode(kept)}" if cursor else None,
         trees=trees,
+        allowances=account_allowances,
         now=datetime.now(UTC),
         events=recent_events,
         charts=_chart_data(series, [json.loads(g) for g in by_day_model], [json.loads(g) for g in by_run]),

@@ -12,6 +12,20 @@
   Chart.defaults.color = "#667085";
   Chart.defaults.maintainAspectRatio = false;
 
+  // One point per second, the balance at its end: far finer than a month's chart can show, and Chart.js's
+  // filler drew a wrong triangle over the whole area when a long series ended in rows milliseconds apart (a
+  // demo account's last writes; a busy agent's too).
+  function bySecond(times, values) {
+    var points = [];
+    for (var i = 0; i < times.length; i++) {
+      var second = Math.floor(times[i] / 1000) * 1000;
+      var last = points[points.length - 1];
+      if (last && last.x === second) last.y = values[i];
+      else points.push({ x: second, y: values[i] });
+    }
+    return points;
+  }
+
   function empty(canvas, text) {
     var box = canvas.parentNode;
     var note = document.createElement("p");
@@ -27,7 +41,7 @@
       type: "line",
       data: { datasets: [{
         label: "Balance",
-        data: data.balance.t.map(function (t, i) { return { x: t, y: data.balance.v[i] }; }),
+        data: bySecond(data.balance.t, data.balance.v),
         borderColor: palette[0], backgroundColor: "rgba(47,91,234,0.08)", fill: true,
         stepped: "before", pointRadius: 0, borderWidth: 2
       }] },
